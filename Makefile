@@ -1,0 +1,42 @@
+# Two commands do all set-up: `make run` (the default experiment) and `make test`.
+# Both create .venv and install the project into it on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= vit_b16
+DATA ?= sample
+# Pins that pip takes from the local wheel cache here; elsewhere they pull the CUDA build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+
+.PHONY: install run test test-fast smoke bench report clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(PIP) $(TORCH_PINS) 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import clip_xai, torch, torchvision, open_clip, hydra, wandb" && touch $(STAMP)
+
+# The default experiment: ViT-B/16 (OpenAI weights) on the built-in sample images, a short
+# eps sweep over the thesis methods, then the report. Offline: `make run MODEL=tiny`.
+run: $(STAMP)
+	$(BIN)/python -m clip_xai.experiment_default model=$(MODEL) dataset=$(DATA)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600
+
+# Everything except the slow end-to-end subprocess runs.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -x -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m clip_xai.bench
+
+report: $(STAMP)
+	$(BIN)/python -m clip_xai.report outputs/default
+
+clean:
+	rm -rf outputs multirun .pytest_cache

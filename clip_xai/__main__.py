@@ -1,0 +1,88 @@
+"""The one entrypoint: ``python -m clip_xai [overrides]`` or ``clip-xai [overrides]`` (``-m`` sweeps).
+
+Composes ``conf/config.yaml``, builds model, dataset, explainer, perturbation, metrics and
+study from their groups, runs the study into the job's run directory and logs to W&B.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from clip_xai.config import build, pick_device, register_resolvers
+from clip_xai.errors import ClipXaiError
+from clip_xai.schema import CONFIG_FILE
+
+log = logging.getLogger("clip_xai")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict:
+    """Build every component from ``cfg`` and run its study into ``run_dir``."""
+    from clip_xai.sinks.wandb_sink import WandbSink
+    from clip_xai.studies.base import RunContext
+    from clip_xai.studies.cache import cache_for
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    (run_dir / "environment.json").write_text(json.dumps({
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }, indent=2))
+    torch.manual_seed(cfg.seed)
+    device = pick_device(str(cfg.device), job_num)
+    study = build(cfg, "study")
+    explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
+    perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None
+    dataset = build(cfg, "dataset")
+    model = build(cfg, "model").to(device)
+    metrics = build(cfg, "metrics")
+    ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
+           "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed)}
+    sink = None
+    if cfg.logger.name == "wandb":
+        sink = WandbSink(run_dir, resolved, group=group, job_type=study.name,
+                         name=f"{cfg.model.name}-{cfg.explainer.name}-{run_dir.name}",
+                         mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity,
+                         tags=list(cfg.logger.tags), log_images=cfg.logger.log_images)
+    ctx = RunContext(run_dir=run_dir, device=device, model=model, dataset=dataset, explainer=explainer,
+                     metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
+                     num_workers=int(cfg.num_workers), precision=str(cfg.precision),
+                     save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
+                     cache=cache_for(cfg, explainer, study.name))
+    try:
+        summary = study.run(ctx)
+    finally:
+        if sink is not None:
+            sink.finish()  # no-op if the study already finished it; closes the run on error
+    log.info("%s done: %s", run_dir, json.dumps(summary["means"], default=str))
+    return summary
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    job_num = OmegaConf.select(hc, "job.num", default=None)
+    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else Path(hc.run.dir).parent.name
+    try:
+        run(cfg, Path(hc.runtime.output_dir), job_num, group)
+    except ClipXaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_resolvers()
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Config → objects: Hydra instantiation with metadata keys stripped, resolvers, device choice."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clip_xai.errors import ClipXaiError
+
+# Keys that describe a config entry but are not constructor arguments.
+META_KEYS = {"model": ("image_size",), "dataset": ("name",), "perturbation": (), "metrics": ("name",),
+             "study": (), "explainer": (), "logger": ()}
+
+
+def register_resolvers() -> None:
+    """``run_dirname``: Hydra's override_dirname, or ``defaults`` when nothing was overridden."""
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", lambda s: s.replace("/", "_") if s else "defaults")
+
+
+def build(cfg: DictConfig, group: str, **kwargs):
+    """Instantiate ``cfg[group]`` (its ``_target_``) without the group's metadata keys."""
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    missing = [k for k, v in node.items() if v == "???"]
+    if missing:
+        raise ClipXaiError(f"{group}.{missing[0]} is required for {group}={node.get('name', '?')}",
+                           f"pass {group}.{missing[0]}=... on the command line")
+    for key in META_KEYS.get(group, ()):
+        node.pop(key, None)
+    return instantiate(node, **kwargs)
+
+
+def pick_device(spec: str, job_num: int | None = None) -> torch.device:
+    """auto → CUDA if present (job ``n`` of a local parallel sweep gets GPU n mod count), else CPU."""
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        index = (job_num or 0) % count if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ else 0
+        return torch.device(f"cuda:{index}")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipXaiError(f"device={spec} was asked for but CUDA is not available here", "use device=cpu or device=auto")
+    try:
+        return torch.device(spec)
+    except RuntimeError as err:
+        raise ClipXaiError(f"device={spec!r} is not a device name", "use device=auto, cpu, cuda or cuda:N") from err
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for model forwards (fp32 = no autocast)."""
+    if precision not in PRECISIONS:
+        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, bf16 or fp16")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    if dtype is torch.float16 and device.type == "cpu":
+        raise ClipXaiError("precision=fp16 is not supported on CPU", "use precision=bf16 or fp32 on CPU")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A per-sample seed from the global seed and the sample id (stable across batchings)."""
+    return int(hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF

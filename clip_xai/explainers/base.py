@@ -1,0 +1,136 @@
+"""Explainer base: a batch of (image, caption) pairs in, one raw map per pair out.
+
+Image maps come back on the patch grid (B, h, w) or at image size (B, H, W) for methods that
+work in pixel space (RISE, Surgery, Saliency, ...); text maps come back as per-token scores
+(B, L). Post-processing (min-max, upsampling, restricting text scores to caption tokens) is
+shared in :mod:`clip_xai.explainers.postprocess`, never done per method.
+
+A new method is one subclass + one yaml under ``conf/explainer/``: set ``modalities`` and
+implement ``explain_image`` and/or ``explain_text``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clip_xai.errors import ClipXaiError
+from clip_xai.models.base import BlockRecord, ClipAdapter
+from clip_xai.types import TextTokens
+
+MODALITIES = ("image", "text")
+
+
+class SampleRng:
+    """One torch.Generator per sample, so a sample's noise does not depend on its batch mates.
+
+    Seeds come from the study (global seed ⊕ sample id), so clean and perturbed maps of one
+    sample see identical noise and a resumed or re-batched run reproduces its maps.
+    """
+
+    def __init__(self, seeds: Tensor | list[int], device: torch.device):
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def normal(self, *shape: int, dtype=torch.float32) -> Tensor:
+        """(B, *shape) standard normal draws, row b from sample b's generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.gens])
+
+
+class Explainer:
+    """Base class. ``modality`` picks which map :meth:`__call__` returns."""
+
+    modalities: frozenset[str] = frozenset({"image"})
+
+    def __init__(self, name: str, modality: str = "image"):
+        self.name = name
+        if modality not in MODALITIES:
+            raise ClipXaiError(f"unknown modality {modality!r} for explainer {name}",
+                               f"use explainer.modality=image or text")
+        if modality not in self.modalities:
+            raise ClipXaiError(
+                f"explainer {name} has no {modality} maps (it supports: {', '.join(sorted(self.modalities))})",
+                f"use explainer.modality={sorted(self.modalities)[0]} or an explainer with {modality} maps",
+            )
+        self.modality = modality
+
+    def check_model(self, model: ClipAdapter) -> None:
+        """Raise ClipXaiError if this explainer cannot run on ``model`` (override when needed)."""
+
+    def __call__(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
+        if seeds is None:
+            seeds = torch.zeros(pixels.shape[0], dtype=torch.long)
+        fn = self.explain_image if self.modality == "image" else self.explain_text
+        return fn(model, pixels, tokens, seeds).detach()
+
+    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def config_key(self) -> str:
+        """Stable hash of the explainer's settings (for the clean-map cache)."""
+        state = {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+        state["class"] = type(self).__qualname__
+        return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- forward helpers shared by the methods -------------------------------------------------
+
+
+def text_target(model: ClipAdapter, tokens: TextTokens) -> Tensor:
+    """Detached unit text embeddings: the fixed target of image-side methods."""
+    with torch.no_grad():
+        return model.encode_text(tokens)
+
+
+def image_target(model: ClipAdapter, pixels: Tensor) -> Tensor:
+    """Detached unit image embeddings: the fixed target of text-side methods."""
+    with torch.no_grad():
+        return model.encode_image(pixels)
+
+
+def cosine(emb: Tensor, unit_target: Tensor) -> Tensor:
+    """Row-wise cosine of raw embeddings against unit targets, (B,)."""
+    return (F.normalize(emb, dim=-1) * unit_target).sum(-1)
+
+
+def vision_similarity(model: ClipAdapter, pixels: Tensor, target: Tensor, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
+    """Cosine(image, target) with the graph kept so records can be differentiated."""
+    with torch.enable_grad():
+        px = pixels.detach().requires_grad_(True)
+        emb, records = model.vision(px, **run_kwargs)
+        return cosine(emb, target), records
+
+
+def pixel_gradient(model: ClipAdapter, pixels: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂cos(f_I(x), target)/∂x, cos) for [0,1] pixels x, per sample."""
+    with torch.enable_grad():
+        px = pixels.detach().requires_grad_(True)
+        s = cosine(model.vision(px)[0], target)
+        (g,) = grad(s, [px])
+    return g, s.detach()
+
+
+def text_similarity(model: ClipAdapter, tokens: TextTokens, target: Tensor, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
+    """Cosine(text, target) with the graph kept; gradients start at the token embeddings."""
+    with torch.enable_grad():
+        x, bias = model.text.embed(tokens)
+        x = x.detach().requires_grad_(True)
+        x, records = model.text.run(x, bias, **run_kwargs)
+        return cosine(model.text.pool(x, tokens), target), records
+
+
+def grad(output: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """Per-sample gradients of a (B,) output (samples are independent, so sum is exact)."""
+    return list(torch.autograd.grad(output.sum(), inputs))
+
+
+def pooled_rows(t: Tensor, index: Tensor) -> Tensor:
+    """Pick row ``index[b]`` of ``t[b]`` along dim −2: (B, ..., N, M) → (B, ..., M)."""
+    idx = index.view(-1, *([1] * (t.dim() - 2)), 1, 1).expand(*t.shape[:-2], 1, t.shape[-1])
+    return t.gather(-2, idx).squeeze(-2)

@@ -1,0 +1,1 @@
+"""Explanation-quality metrics: ``sensitivity`` (map stability under input perturbations)."""

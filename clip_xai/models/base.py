@@ -1,0 +1,238 @@
+"""The one model interface every explainer talks to.
+
+A backend (open_clip, HF AltCLIP) is wrapped as a :class:`ClipAdapter` holding two :class:`Tower`
+objects. A tower runs its transformer *itself*, block by block, from the native modules' own
+weights (:class:`BlockOps`), instead of hooking the native forward. That gives every method the
+same access on every backend:
+
+* attention probabilities with gradients (open_clip's fused attention never returns them;
+  METHODS.md §1.2), q/k/v, the pre-``out_proj`` context and every block's input/output,
+  recorded in :class:`BlockRecord` for the blocks asked for;
+* a different head count for chosen blocks (Grad-ECLIP / raw self-attention recompute the last
+  block with one head, METHODS.md §2.3);
+* edits of the hidden state *before* block ``i`` (bottlenecks: ABM at the input of block 9,
+  M2IB after block 9 = before block 10) and partial runs from block ``i`` onward.
+
+Nothing is patched or hooked, so nothing can be left attached. The recomputed forward equals the
+native one (tests compare against ``encode_image`` / ``encode_text``). Blocks that need no
+record use ``F.scaled_dot_product_attention`` (fused kernels on GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clip_xai.types import TextTokens
+
+Edit = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class BlockRecord:
+    """Tensors of one block forward. q/k/v/probs are per head: (B,H,N,dh) and (B,H,N,N)."""
+
+    x_in: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    probs: Tensor
+    ctx: Tensor  # (B,N,D) heads merged, before out_proj
+    attn_out: Tensor  # (B,N,D) after out_proj
+    x_out: Tensor
+
+    def merged(self, name: str) -> Tensor:
+        """q, k or v with heads merged back to (B,N,D)."""
+        return merge_heads(getattr(self, name))
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    b, n, d = t.shape
+    return t.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    b, h, n, dh = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * dh)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Explicit softmax(q kᵀ/√dh + bias)·v returning (context, probabilities)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs
+
+
+class BlockOps:
+    """One transformer block decomposed as pre_attn → qkv → attention → out_proj → post_attn.
+
+    Subclasses wrap a native block (no weight copies). ``post_attn(x, a)`` applies the residual
+    of the attention output ``a`` and everything after it (MLP, norms, layer scale).
+    """
+
+    n_heads: int
+
+    def pre_attn(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def out_proj(self, ctx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def post_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, bias: Tensor | None, record: bool, heads: int | None = None):
+        """Run the block; return (x_out, BlockRecord or None)."""
+        heads = heads or self.n_heads
+        q, k, v = (split_heads(t, heads) for t in self.qkv(self.pre_attn(x)))
+        if record:
+            ctx, probs = attend(q, k, v, bias)
+        else:
+            mask = None if bias is None else bias.to(q.dtype)
+            ctx, probs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        ctx = merge_heads(ctx)
+        a = self.out_proj(ctx)
+        out = self.post_attn(x, a)
+        rec = BlockRecord(x, q, k, v, probs, ctx, a, out) if record else None
+        return out, rec
+
+
+class Tower(nn.Module):
+    """A vision or text transformer run block by block (see module docstring).
+
+    Subclasses implement ``embed`` (inputs → hidden states before block 0, plus the additive
+    attention bias), ``pool`` (final hidden states → projected embedding) and
+    ``project_tokens`` (the same head applied to every token), and set ``blocks``.
+    """
+
+    blocks: list[BlockOps]
+    width: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_heads(self) -> int:
+        return self.blocks[0].n_heads
+
+    def embed(self, inputs) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def pool_index(self, inputs) -> Tensor:
+        raise NotImplementedError
+
+    def pool(self, x: Tensor, inputs) -> Tensor:
+        raise NotImplementedError
+
+    def project_tokens(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def layer(self, index: int) -> int:
+        """Normalise a possibly negative block index (−1 = last block)."""
+        i = index + self.n_layers if index < 0 else index
+        if not 0 <= i < self.n_layers:
+            from clip_xai.errors import ClipXaiError
+
+            raise ClipXaiError(
+                f"block index {index} is out of range for a tower with {self.n_layers} blocks",
+                f"choose a layer in [{-self.n_layers}, {self.n_layers - 1}]",
+            )
+        return i
+
+    def run(
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        start: int = 0,
+        stop: int | None = None,
+        record: tuple[int, ...] | set[int] = (),
+        heads: dict[int, int] | None = None,
+        edits: dict[int, Edit] | None = None,
+    ) -> tuple[Tensor, dict[int, BlockRecord]]:
+        """Run blocks ``start..stop-1`` on hidden state ``x`` (the input of block ``start``).
+
+        ``edits[i]`` maps the hidden state right before block ``i`` (``i == n_layers``: after
+        the last block). ``heads[i]`` overrides block i's head count. ``record`` lists blocks
+        whose :class:`BlockRecord` is returned.
+        """
+        stop = self.n_layers if stop is None else stop
+        record = {self.layer(i) for i in record}
+        heads = {self.layer(i): h for i, h in (heads or {}).items()}
+        edits = edits or {}
+        records: dict[int, BlockRecord] = {}
+        for i in range(start, stop):
+            if i in edits:
+                x = edits[i](x)
+            x, rec = self.blocks[i].forward(x, bias, i in record, heads.get(i))
+            if rec is not None:
+                records[i] = rec
+        if stop in edits:
+            x = edits[stop](x)
+        return x, records
+
+    def forward(self, inputs, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
+        """Projected (not normalised) embedding of ``inputs`` and the requested records."""
+        x, bias = self.embed(inputs)
+        x, records = self.run(x, bias, **run_kwargs)
+        return self.pool(x, inputs), records
+
+
+class ClipAdapter(nn.Module):
+    """A dual-encoder (image, text) model behind one interface; inputs are [0,1] pixels.
+
+    Attributes every explainer may use: ``vision``/``text`` towers, ``image_size``,
+    ``patch_size``, ``grid`` (patch rows, cols), ``n_prefix`` (tokens before the patches: 1 = CLS),
+    ``mask_token_id`` (what the M2IB text protocol writes into dropped tokens), ``pad_id``.
+    """
+
+    name: str
+    vision: Tower
+    text: Tower
+    image_size: int
+    patch_size: int
+    n_prefix: int = 1
+    mask_token_id: int = 0
+    pad_id: int = 0
+    context_length: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return g, g
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, captions: list[str]) -> TextTokens:
+        raise NotImplementedError
+
+    def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
+        """Recompute pooling position and content mask for (possibly edited) ids."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: Tensor, **run_kwargs) -> Tensor:
+        """Unit-norm image embeddings (B,E) of [0,1] pixels."""
+        return F.normalize(self.vision(pixels, **run_kwargs)[0], dim=-1)
+
+    def encode_text(self, tokens: TextTokens, **run_kwargs) -> Tensor:
+        """Unit-norm text embeddings (B,E)."""
+        return F.normalize(self.text(tokens, **run_kwargs)[0], dim=-1)
+
+    def similarity(self, pixels: Tensor, tokens: TextTokens) -> Tensor:
+        """Cosine similarity (B,) of each image with its own caption (no logit scale)."""
+        return (self.encode_image(pixels) * self.encode_text(tokens)).sum(-1)
+
+    def patch_map(self, token_scores: Tensor) -> Tensor:
+        """(B, n_prefix + h·w) per-token scores → (B, h, w) patch grid (prefix tokens dropped)."""
+        h, w = self.grid
+        return token_scores[:, self.n_prefix :].reshape(-1, h, w)

@@ -1,0 +1,1 @@
+"""Where result rows go: the run directory (always) and W&B (optional)."""

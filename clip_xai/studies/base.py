@@ -1,0 +1,188 @@
+"""The loop both studies share: resume, batches, bad images, OOM back-off, rows, summary, sinks.
+
+A study subclass says which columns it writes and how one batch becomes rows
+(:meth:`Study.process`); everything else — skipping samples a previous run already wrote,
+counting unreadable images, halving the batch on out-of-memory, writing results after every
+batch, the summary and W&B — lives here once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from clip_xai.config import autocast, sample_seed
+from clip_xai.data import make_loader
+from clip_xai.errors import ClipXaiError
+from clip_xai.schema import EXAMPLES_FILE
+from clip_xai.sinks.results import ResultsWriter
+from clip_xai.types import Batch, TextTokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """Everything a study needs for one job, built by the entrypoint from the config."""
+
+    run_dir: Path
+    device: torch.device
+    model: object
+    dataset: object
+    explainer: object
+    metrics: object
+    ids: dict  # identity columns shared by every row (model, explainer, dataset, ...)
+    seed: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    precision: str = "fp32"
+    save_examples: int = 8
+    perturbation: object | None = None
+    cache: object | None = None
+    sink: object | None = None
+    stats: dict = field(default_factory=lambda: {"oom_splits": 0})
+
+
+@dataclass
+class Prepared:
+    """A batch moved to the device with its tokens and per-sample seeds."""
+
+    batch: Batch
+    pixels: torch.Tensor
+    tokens: TextTokens
+    seeds: torch.Tensor
+
+    def index(self, sl: slice) -> "Prepared":
+        b = self.batch
+        sub = Batch(b.sample_ids[sl], b.pixels[sl], b.captions[sl], b.labels[sl],
+                    None if b.object_masks is None else b.object_masks[sl])
+        return Prepared(sub, self.pixels[sl], self.tokens.index(sl), self.seeds[sl])
+
+
+class Study:
+    """Base of the sensitivity and faithfulness studies."""
+
+    name: str
+    columns: list[str]
+    metric_columns: list[str]
+    metrics_suite: str
+
+    def __init__(self, name: str):
+        self.name = name
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+    def check(self, ctx: RunContext) -> None:
+        """Validate the combination of model/explainer/metrics before any work is done."""
+        if getattr(ctx.metrics, "suite", self.metrics_suite) != self.metrics_suite:
+            raise ClipXaiError(f"study={self.name} needs metrics={self.metrics_suite}",
+                               f"add metrics={self.metrics_suite} to the command line")
+        ctx.explainer.check_model(ctx.model)
+
+    def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
+        """Rows for one batch plus example arrays (name → (B, ...) numpy) for examples.npz."""
+        raise NotImplementedError
+
+    def empty_row(self, ctx: RunContext, sample_id: str, caption: str, label: int, flag: str) -> dict:
+        """A row for a sample with no result (unreadable image): NaN metrics, flagged."""
+        row = {c: float("nan") for c in self.columns}
+        row.update(ctx.ids, sample_id=sample_id, caption=caption, label=label, map_flag=flag, study=self.name)
+        return row
+
+    def extra_summary(self, ctx: RunContext) -> dict:
+        return {}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, ctx: RunContext) -> dict:
+        self.check(ctx)
+        writer = ResultsWriter(ctx.run_dir, self.columns)
+        done = writer.done_ids()
+        ids = ctx.dataset.sample_ids
+        todo = [i for i, sid in enumerate(ids) if sid not in done]
+        if writer.resumed_rows:
+            log.info("resuming %s: %d samples already in results.parquet, %d to go", ctx.run_dir, len(done), len(todo))
+        records = {r.sample_id: r for r in ctx.dataset.records}
+        loader = make_loader(Subset(ctx.dataset, todo), ctx.batch_size, ctx.num_workers,
+                             pin_memory=ctx.device.type == "cuda")
+        examples: dict[str, list] = {}
+        start = time.perf_counter()
+        for batch, _, skipped in tqdm(loader, desc=f"{ctx.ids['explainer']}", unit="batch", leave=False):
+            rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
+            if len(batch):
+                new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
+                rows += new_rows
+                self._collect_examples(examples, ex, ctx.save_examples)
+            writer.append(rows)
+        elapsed = time.perf_counter() - start
+        if examples and not (ctx.run_dir / EXAMPLES_FILE).exists():
+            np.savez_compressed(ctx.run_dir / EXAMPLES_FILE, **{k: np.concatenate(v)[: ctx.save_examples] for k, v in examples.items()})
+        processed = len(writer.frame) - writer.resumed_rows
+        extra = {
+            "study": self.name, **{k: v for k, v in ctx.ids.items()},
+            "run": {"resumed_rows": writer.resumed_rows, "new_rows": processed, "seconds": round(elapsed, 3),
+                    "images_per_s": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
+                    "device": str(ctx.device), "batch_size": ctx.batch_size, "precision": ctx.precision,
+                    "oom_splits": ctx.stats["oom_splits"],
+                    "wandb_errors": getattr(ctx.sink, "errors", 0)},
+            **self.extra_summary(ctx),
+        }
+        if ctx.cache is not None:
+            extra["cache_hits"], extra["cache_misses"] = ctx.cache.hits, ctx.cache.misses
+        summary = writer.summary(self.metric_columns, extra)
+        if len(writer.frame) == 0:
+            raise ClipXaiError(f"no samples were processed for dataset {ctx.ids.get('dataset')}",
+                               "check dataset.root and dataset.limit")
+        writer.finish(summary)
+        if ctx.sink is not None:
+            self._log_examples(ctx)
+            ctx.sink.finish(writer.frame, summary)
+        return summary
+
+    def _prepare(self, ctx: RunContext, batch: Batch) -> Prepared:
+        pixels = batch.pixels.to(ctx.device, non_blocking=True)
+        tokens = ctx.model.tokenize(batch.captions)
+        seeds = torch.tensor([sample_seed(ctx.seed, sid) for sid in batch.sample_ids], dtype=torch.long)
+        return Prepared(batch, pixels, tokens, seeds)
+
+    def _process_with_backoff(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
+        """Process a batch; on device out-of-memory, split it in halves and retry (warned, counted)."""
+        try:
+            with autocast(ctx.device, ctx.precision):
+                return self.process(ctx, prep)
+        except torch.OutOfMemoryError:
+            n = len(prep.batch)
+            if n == 1:
+                raise ClipXaiError("out of memory on a single sample", "use a smaller model, precision=bf16, or device=cpu")
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            ctx.stats["oom_splits"] += 1
+            log.warning("out of memory with %d samples: retrying as two halves (lower batch_size to avoid this)", n)
+            rows_a, ex_a = self._process_with_backoff(ctx, prep.index(slice(0, n // 2)))
+            rows_b, ex_b = self._process_with_backoff(ctx, prep.index(slice(n // 2, n)))
+            return rows_a + rows_b, {k: np.concatenate([ex_a[k], ex_b[k]]) for k in ex_a}
+
+    @staticmethod
+    def _collect_examples(store: dict, ex: dict, limit: int) -> None:
+        have = sum(len(v) for v in store.get("sample_id", []))
+        if have >= limit or not ex:
+            return
+        for k, v in ex.items():
+            store.setdefault(k, []).append(v[: limit - have] if np.ndim(v) else v)
+
+    def _log_examples(self, ctx: RunContext) -> None:
+        path = ctx.run_dir / EXAMPLES_FILE
+        if not path.exists():
+            return
+        ex = np.load(path)
+        maps = {k: ex[k].astype(np.float32) for k in ("map_clean", "map_pert") if k in ex}
+        ctx.sink.log_overlays(ex["image"], maps, [str(c) for c in ex["caption"]])
+
+
+def to_uint8_images(pixels: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) [0,1] → (B,H,W,3) uint8 for examples.npz."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,46 @@
+"""Plain data carried between datasets, models, explainers and studies."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextTokens:
+    """A tokenised caption batch, with the token positions every text method needs.
+
+    ids: (B, L) token ids. attention_mask: (B, L) 1 for real tokens (0 = padding).
+    pool_index: (B,) position whose final state becomes the text embedding (EOT for CLIP,
+    position 0 for AltCLIP). content_mask: (B, L) True for caption tokens (start/end/pad excluded).
+    """
+
+    ids: Tensor
+    attention_mask: Tensor
+    pool_index: Tensor
+    content_mask: Tensor
+
+    def to(self, device: torch.device | str) -> "TextTokens":
+        return TextTokens(*(t.to(device) for t in (self.ids, self.attention_mask, self.pool_index, self.content_mask)))
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def index(self, idx) -> "TextTokens":
+        return TextTokens(self.ids[idx], self.attention_mask[idx], self.pool_index[idx], self.content_mask[idx])
+
+
+@dataclass
+class Batch:
+    """B samples: [0,1] pixels (B,3,H,W) at the model's input size plus their captions."""
+
+    sample_ids: list[str]
+    pixels: Tensor
+    captions: list[str]
+    labels: Tensor  # (B,) long, -1 where the dataset has no class label
+    object_masks: Tensor | None = None  # (B,H,W) bool where the dataset ships a segmentation
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
