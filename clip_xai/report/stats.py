@@ -1,0 +1,130 @@
+"""Statistics for the report: bootstrap CIs, paired Wilcoxon tests with Holm correction, ranks."""
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from scipy.stats import wilcoxon
+
+from clip_xai.schema import HIGHER_IS_BETTER
+
+# Rows of two methods are paired when they share these (within one family, see FAMILY).
+PAIR_KEY = ["sample_id", "dataset", "model"]
+# One family of tests (Holm-corrected together) / one ranking: a metric at one perturbation strength.
+FAMILY = ["study", "perturbation", "eps"]
+
+
+def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap CI (resampling samples, NaN dropped): (mean, lo, hi)."""
+    x = np.asarray(list(values) if not isinstance(values, (np.ndarray, pd.Series)) else values, float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (np.nan, np.nan, np.nan)
+    mean = float(x.mean())
+    if x.size < 2 or n_boot < 1:
+        return (mean, np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (mean, float(lo), float(hi))
+
+
+def summarise(df: pd.DataFrame, metrics: list[str], by: list[str], n_boot: int = 1000,
+              seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Long table: one row per group × metric with n, mean and bootstrap CI bounds lo/hi."""
+    rows = []
+    for key, g in df.groupby(by, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for m in metrics:
+            vals = g[m].to_numpy(float)
+            mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
+            rows.append({**dict(zip(by, key)), "metric": m, "n": int((~np.isnan(vals)).sum()),
+                         "mean": mean, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows, columns=[*by, "metric", "n", "mean", "lo", "hi"])
+
+
+def holm(pvalues: Iterable[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values (same order as given; NaN stays NaN, not counted in m)."""
+    p = np.asarray(list(pvalues), float)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    q = p[ok]
+    m = q.size
+    if m == 0:
+        return out
+    order = np.argsort(q, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+    res = np.empty(m)
+    res[order] = adj
+    out[ok] = res
+    return out
+
+
+def study_metrics(df: pd.DataFrame) -> list[str]:
+    """Scored metrics (keys of HIGHER_IS_BETTER) that have at least one value in `df`."""
+    return [m for m in HIGHER_IS_BETTER if m in df.columns and df[m].notna().any()]
+
+
+def _families(df: pd.DataFrame):
+    """Yield (family dict, metric, wide frame: PAIR_KEY rows × method columns, mean over repeats)."""
+    fam_cols = [c for c in FAMILY if c in df.columns]
+    for key, g in df.groupby(fam_cols, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        fam = dict(zip(fam_cols, key))
+        for metric in study_metrics(g):
+            wide = g.groupby([*PAIR_KEY, "method"], sort=True)[metric].mean().unstack("method")
+            yield fam, metric, wide
+
+
+def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Wilcoxon signed-rank test for every method pair per metric × ε, Holm-corrected per family."""
+    cols = [*FAMILY, "metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff",
+            "statistic", "p", "p_holm", "better", "significant"]
+    out = []
+    for fam, metric, wide in _families(df):
+        rows = []
+        for a, b in combinations(sorted(wide.columns), 2):
+            pair = wide[[a, b]].dropna()
+            if len(pair) == 0:
+                continue
+            d = pair[a] - pair[b]
+            if (d == 0).all():
+                stat, p = 0.0, 1.0
+            else:
+                try:
+                    res = wilcoxon(pair[a], pair[b])
+                    stat, p = float(res.statistic), float(res.pvalue)
+                except ValueError:
+                    stat, p = np.nan, np.nan
+            diff = float(d.mean())
+            sign = diff if HIGHER_IS_BETTER[metric] else -diff
+            better = a if sign > 0 else b if sign < 0 else "tie"
+            rows.append({**fam, "metric": metric, "method_a": a, "method_b": b, "n": len(pair),
+                         "mean_a": float(pair[a].mean()), "mean_b": float(pair[b].mean()),
+                         "mean_diff": diff, "statistic": stat, "p": p, "better": better})
+        if rows:
+            adj = holm([r["p"] for r in rows])
+            for r, q in zip(rows, adj):
+                r["p_holm"] = q
+                r["significant"] = bool(q < alpha) if not np.isnan(q) else False
+            out.extend(rows)
+    return pd.DataFrame(out, columns=cols)
+
+
+def rank_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean rank (1 = best, ties averaged) of methods per metric × ε over samples where all have a value."""
+    cols = [*FAMILY, "metric", "method", "mean_rank", "mean", "n_samples"]
+    out = []
+    for fam, metric, wide in _families(df):
+        complete = wide.dropna()
+        if wide.shape[1] < 2 or len(complete) == 0:
+            continue
+        ranks = complete.rank(axis=1, ascending=not HIGHER_IS_BETTER[metric], method="average")
+        mean_rank = ranks.mean().sort_values()
+        for method, r in mean_rank.items():
+            out.append({**fam, "metric": metric, "method": method, "mean_rank": float(r),
+                        "mean": float(complete[method].mean()), "n_samples": len(complete)})
+    return pd.DataFrame(out, columns=cols)
