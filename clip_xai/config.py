@@ -5,6 +5,7 @@ import hashlib
 import os
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +31,15 @@ def build(cfg: DictConfig, group: str, **kwargs):
                            f"pass {group}.{missing[0]}=... on the command line")
     for key in META_KEYS.get(group, ()):
         node.pop(key, None)
-    return instantiate(node, **kwargs)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ClipXaiError):
+            raise cause from None  # the component's own clear message, not Hydra's wrapper
+        target = node.get("_target_", "?")
+        raise ClipXaiError(f"cannot build {group} ({target}): {cause or err}",
+                           f"check the {group}.* settings against conf/{group}/") from err
 
 
 def pick_device(spec: str, job_num: int | None = None) -> torch.device:

@@ -132,5 +132,5 @@ def grad(output: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 
 def pooled_rows(t: Tensor, index: Tensor) -> Tensor:
     """Pick row ``index[b]`` of ``t[b]`` along dim −2: (B, ..., N, M) → (B, ..., M)."""
-    idx = index.view(-1, *([1] * (t.dim() - 2)), 1, 1).expand(*t.shape[:-2], 1, t.shape[-1])
+    idx = index.view(-1, *([1] * (t.dim() - 1))).expand(*t.shape[:-2], 1, t.shape[-1])
     return t.gather(-2, idx).squeeze(-2)

@@ -1,0 +1,28 @@
+"""Test helpers: compose configs in-process and run the real entrypoint as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from clip_xai.__main__ import CONF_DIR
+from clip_xai.config import register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m clip_xai`` with ``args``; WANDB offline, one thread, text output."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "clip_xai", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout, **kwargs)

@@ -1,0 +1,83 @@
+"""Every config option composes and builds; bad input gives one clear error before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from clip_xai.__main__ import CONF_DIR, run
+from clip_xai.config import build
+from clip_xai.errors import ClipXaiError
+from tests.helpers import compose_cfg
+
+GROUPS = ["model", "dataset", "explainer", "perturbation", "metrics", "study", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if group == "metrics" and option == "faithfulness" or group == "study" and option == "faithfulness":
+            overrides = ["study=faithfulness", "metrics=faithfulness"]
+        cfg = compose_cfg(overrides)
+        assert cfg[group].name == option or group in ("metrics", "study")
+
+
+@pytest.mark.parametrize("explainer", options("explainer"))
+def test_every_explainer_builds(explainer):
+    cfg = compose_cfg([f"explainer={explainer}", "model=tiny"])
+    obj = build(cfg, "explainer")
+    assert obj.name == explainer and obj.modality == "image"
+
+
+def test_experiments_compose():
+    for exp in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        cfg = compose_cfg([f"experiment={exp}"])
+        assert OmegaConf.select(cfg, "model.name")
+
+
+def _run(tmp_path, overrides):
+    cfg = compose_cfg(["model=tiny", "logger=none", f"output_root={tmp_path}", *overrides])
+    return run(cfg, tmp_path / "run", None, "test")
+
+
+def test_eps_out_of_range(tmp_path):
+    for eps in ("-0.1", "1.5"):
+        with pytest.raises(ClipXaiError, match=r"eps=.*outside \[0, 1\]"):
+            _run(tmp_path, [f"perturbation.eps={eps}"])
+
+
+def test_missing_dataset_root(tmp_path):
+    with pytest.raises(ClipXaiError, match="dataset.root"):
+        _run(tmp_path, ["dataset=rival10"])
+    with pytest.raises(ClipXaiError, match="not found"):
+        _run(tmp_path, ["dataset=rival10", f"dataset.root={tmp_path}/nowhere"])
+
+
+def test_modality_not_supported(tmp_path):
+    with pytest.raises(ClipXaiError, match="has no text maps"):
+        _run(tmp_path, ["explainer=gradcam", "explainer.modality=text"])
+
+
+def test_text_modality_in_sensitivity_study(tmp_path):
+    with pytest.raises(ClipXaiError, match="study=faithfulness"):
+        _run(tmp_path, ["explainer=selfattn", "explainer.modality=text", "dataset.limit=1"])
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    root = tmp_path / "cc"
+    root.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(root / "good.jpg")
+    (root / "bad.jpg").write_bytes(b"not a jpeg at all")
+    (root / "list.csv").write_text("image_path,caption\ngood.jpg,a red square\nbad.jpg,a broken file\n")
+    with pytest.raises(ClipXaiError, match="bad.jpg"):
+        _run(tmp_path, ["dataset=cc", f"dataset.root={root}/list.csv", "dataset.on_bad_image=error"])
+    summary = _run(tmp_path / "skip", ["dataset=cc", f"dataset.root={root}/list.csv", "explainer=selfattn"])
+    assert summary["counts"]["bad_images"] == 1 and summary["counts"]["rows"] == 2
