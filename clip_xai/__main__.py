@@ -55,7 +55,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                          tags=list(cfg.logger.tags), log_images=cfg.logger.log_images)
     ctx = RunContext(run_dir=run_dir, device=device, model=model, dataset=dataset, explainer=explainer,
                      metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
-                     num_workers=int(cfg.num_workers), precision=str(cfg.precision),
+                     num_workers=_workers(cfg.num_workers, device), precision=str(cfg.precision),
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
                      cache=cache_for(cfg, explainer, study.name))
     try:
@@ -65,6 +65,13 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
             sink.finish()  # no-op if the study already finished it; closes the run on error
     log.info("%s done: %s", run_dir, json.dumps(summary["means"], default=str))
     return summary
+
+
+def _workers(spec, device: torch.device) -> int:
+    """``auto``: 4 loader processes on CUDA (decoding overlaps GPU work), none on CPU."""
+    if str(spec) == "auto":
+        return 4 if device.type == "cuda" else 0
+    return int(spec)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -141,6 +141,9 @@ class Study:
         if ctx.sink is not None:
             self._log_examples(ctx)
             ctx.sink.finish(writer.frame, summary)
+            if ctx.sink.errors != summary["run"]["wandb_errors"]:
+                summary["run"]["wandb_errors"] = ctx.sink.errors  # W&B broke while finishing: say so
+                writer.finish(summary)
         return summary
 
     def _prepare(self, ctx: RunContext, batch: Batch) -> Prepared:
