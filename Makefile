@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= vit_b16
-DATA ?= sample
 # Pins that pip takes from the local wheel cache here; elsewhere they pull the CUDA build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
@@ -23,7 +22,8 @@ $(STAMP): pyproject.toml
 # The default experiment: ViT-B/16 (OpenAI weights) on the built-in sample images, a short
 # eps sweep over the thesis methods, then the report. Offline: `make run MODEL=tiny`.
 run: $(STAMP)
-	$(BIN)/python -m clip_xai.experiment_default model=$(MODEL) dataset=$(DATA)
+	$(BIN)/python -m clip_xai -m experiment=default model=$(MODEL)
+	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600
@@ -36,7 +36,16 @@ bench: $(STAMP)
 	$(BIN)/python -m clip_xai.bench
 
 report: $(STAMP)
-	$(BIN)/python -m clip_xai.report outputs/default
+	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
+
+# CPU smoke runs of every method through the real entrypoint on the tiny model:
+# the 9 thesis methods x 4 eps (sensitivity) and the 5 ABM-paper methods (both studies).
+smoke: $(STAMP)
+	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
+	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
+	  perturbation.eps=0.0157,0.0314,0.0627,0.1255
+	$(BIN)/python -m clip_xai -m name=smoke_abm model=tiny dataset.limit=2 logger=none \
+	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -136,26 +136,28 @@ def test_partial_runs_and_single_head_override(adapter, pixels):
 def test_pool_index_and_content_mask(adapter):
     tokens = adapter.tokenize(["ab", "abcd", ""])
     ids = tokens.ids
-    # <s> ▁ a b </s> <pad> <pad> / <s> ▁ a b c d </s> / <s> </s> <pad> ...
-    assert ids.shape == (3, 7)
+    # <s> ▁ a b </s> <pad>... / <s> ▁ a b c d </s> <pad>... / <s> </s> <pad>...  (fixed length 77)
+    n = adapter.context_length
+    assert ids.shape == (3, n)
     assert ids[:, 0].tolist() == [0, 0, 0]
     assert ids[0, 4].item() == 2 and ids[1, 6].item() == 2 and ids[2, 1].item() == 2
-    assert ids[0, 5:].tolist() == [1, 1] and ids[2, 2:].tolist() == [1] * 5
-    assert tokens.attention_mask.tolist() == [[1] * 5 + [0] * 2, [1] * 7, [1] * 2 + [0] * 5]
+    assert ids[0, 5:].eq(1).all() and ids[2, 2:].eq(1).all()
+    assert tokens.attention_mask.tolist() == [[1] * 5 + [0] * (n - 5), [1] * 7 + [0] * (n - 7), [1] * 2 + [0] * (n - 2)]
     assert tokens.pool_index.tolist() == [0, 0, 0]
     assert adapter.text.pool_index(tokens).tolist() == [0, 0, 0]
-    assert tokens.content_mask.tolist() == [
+    assert tokens.content_mask[:, :7].tolist() == [
         [False, True, True, True, False, False, False],
         [False, True, True, True, True, True, False],
         [False] * 7,
     ]
+    assert not tokens.content_mask[:, 7:].any()
     # Masking protocol: dropped tokens become pad + attention 0 and leave the content mask.
     edited = ids.clone()
     edited[1, 2] = adapter.mask_token_id
     mask = tokens.attention_mask.clone()
     mask[1, 2] = 0
     again = adapter.tokens_from_ids(edited, mask)
-    assert again.content_mask[1].tolist() == [False, True, False, True, True, True, False]
+    assert again.content_mask[1, :7].tolist() == [False, True, False, True, True, True, False]
     assert again.pool_index.tolist() == [0, 0, 0]
     # Without an attention mask, pads are not attended.
     assert adapter.tokens_from_ids(ids).attention_mask.tolist() == tokens.attention_mask.tolist()

@@ -320,7 +320,11 @@ class AltClipAdapter(ClipAdapter):
         (self._processor or self._tokenizer).save_pretrained(str(directory))
 
     def tokenize(self, captions: list[str]) -> TextTokens:
-        """``<s> caption </s>`` ids padded (pad id 1) to the longest caption of the batch."""
+        """``<s> caption </s>`` ids padded (pad id 1) to the fixed context length.
+
+        Fixed-length padding (as the AltCLIP processor does) keeps every text map independent of
+        its batch mates; padding to the batch's longest caption would not.
+        """
         tok = self._tokenizer
         lengths = [len(ids) for ids in tok(list(captions), verbose=False)["input_ids"]]
         too_long = [c for c, n in zip(captions, lengths) if n > self.context_length]
@@ -329,7 +333,7 @@ class AltClipAdapter(ClipAdapter):
                 f"caption too long for the {self.context_length}-token AltCLIP context: {too_long[0][:80]!r}",
                 "shorten the caption (truncating it would drop the </s> token)",
             )
-        enc = tok(list(captions), padding="longest", return_tensors="pt")
+        enc = tok(list(captions), padding="max_length", max_length=self.context_length, return_tensors="pt")
         return self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:

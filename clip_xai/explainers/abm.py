@@ -1,0 +1,105 @@
+"""ABM: Adversarial Bottleneck Method (METHODS.md §2.13).
+
+The only public code is compiled bytecode in LMBTough/ABE-XAI
+(``multimodel/salicncy/__pycache__/abm.cpython-312.pyc``), read by disassembly for METHODS.md;
+this module is written from that specification and the ABM paper's Eq. 6 / Alg. 1 as summarised
+there, not from the reference code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from clip_xai.explainers.base import Explainer, SampleRng, grad
+from clip_xai.explainers.bottleneck import Side, capacity, layout, repeat_rows, token_scores
+from clip_xai.models.base import ClipAdapter
+from clip_xai.types import TextTokens
+
+
+class ABM(Explainer):
+    """Sign-gradient ascent of a bottleneck at the input of block ``target_layer``.
+
+    z = the hidden state entering block ``target_layer`` (HF ``hidden_states[9]`` for 9: one
+    block earlier than M2IB), detached, in fp32. x⁰ = z. Each of the T = ``steps`` steps:
+    λ = x/z (detached); for ``noise_samples`` draws z̃ = x + (1 − λ)·ε, ε ~ N(0, 1) from
+    :class:`SampleRng` (run as B·noise_samples rows), average ∂cos(f(z̃), e_other)/∂x; then
+    x ← x + ``step_scale``·|z|/T · sign(mean gradient) (ascent) and clamp every element to
+    [min(0, z), max(0, z)]. Final λ = x/z, μ = z·λ (= x), σ² = (1 − λ)²; the map is the
+    capacity ``nansum`` over channels per token (patch grid, CLS dropped, for images).
+
+    Choices and deviations:
+
+    * Elements with z = 0 exactly: λ = x/z is 0/0 (the reference gets NaN, which would poison the
+      forward). Here λ := 1 there during the steps (x is pinned to 0 by the clamp, so such an
+      element is noise-free), and their capacity is NaN at the end so ``nansum`` drops it — what
+      the reference's nansum does with its NaNs.
+    * Text (``modality: text``): the same on the text tower, the target being the **image**
+      embedding as in the ABM paper (Eq. 6, Alg. 1). The compiled reference passes the text's
+      own feature instead (METHODS.md §2.13, "reference quirk"); that slip is not reproduced.
+      After the optimisation λ := 1 (so μ = z, σ² = 0) at every position outside
+      ``tokens.content_mask`` (start, end/pool and padding tokens, on the token axis: the
+      reference's intent, its code pins the batch axis). The reference's extra ×0.05 on the first
+      token is not applied: shared post-processing zeroes non-caption tokens anyway.
+    * ``step_scale`` multiplies the per-element step |z|/T (1.0 = reference). With T = 0 the map
+      is the no-bottleneck capacity ½Σ_d(z_d² − 1 − log 1e−9).
+    * ``debug`` (a dict, test hook): when ``record_path`` is true it receives ``z`` and ``path``
+      (x⁰..x^T, each (B, N, D)).
+    """
+
+    modalities = frozenset({"image", "text"})
+
+    def __init__(self, name: str = "abm", modality: str = "image", steps: int = 10, target_layer: int = 9,
+                 noise_samples: int = 5, step_scale: float = 1.0, record_path: bool = False):
+        super().__init__(name, modality)
+        self.steps = steps
+        self.target_layer = target_layer
+        self.noise_samples = noise_samples
+        self.step_scale = step_scale
+        self.record_path = record_path
+        self.debug: dict = {}
+
+    def _tower(self, model: ClipAdapter):
+        return model.vision if self.modality == "image" else model.text
+
+    def check_model(self, model: ClipAdapter) -> None:
+        self._tower(model).layer(self.target_layer)
+
+    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        side = Side(model, self.modality, pixels, tokens)
+        layer = side.tower.layer(self.target_layer)
+        z, bias = side.hidden(layer)
+        z = z.float()
+        b, n, d = z.shape
+        k = self.noise_samples
+        zero = z == 0
+        safe_z = torch.where(zero, torch.ones_like(z), z)
+        lo, hi = z.clamp(max=0), z.clamp(min=0)
+        step = self.step_scale * z.abs() / max(self.steps, 1)
+        rep = side.repeated(bias, k)
+        rng = SampleRng(seeds, z.device)
+        x = z.clone()
+        path = [x] if self.record_path else None
+        for _ in range(self.steps):
+            lam = torch.where(zero, torch.ones_like(x), x / safe_z)
+            eps = rng.normal(k, n, d).flatten(0, 1)
+            with torch.enable_grad():
+                xr = repeat_rows(x, k).requires_grad_(True)
+                zt = xr + (1 - repeat_rows(lam, k)) * eps
+                (g,) = grad(rep.similarity(zt, layer), [xr])
+            g = g.view(b, k, n, d).mean(1)
+            x = torch.clamp(x + step * g.sign(), lo, hi)
+            if path is not None:
+                path.append(x)
+        lam = torch.where(zero, torch.ones_like(x), x / safe_z)
+        if self.modality == "text":
+            lam = torch.where(tokens.content_mask[..., None].to(lam.device), lam, torch.ones_like(lam))
+        cap = capacity(z * lam, (1 - lam) ** 2).masked_fill(zero, float("nan"))
+        if path is not None:
+            self.debug = {"z": z, "path": path}
+        return layout(model, self.modality, token_scores(cap))
+
+    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        return self._explain(model, pixels, tokens, seeds)
+
+    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        return self._explain(model, pixels, tokens, seeds)

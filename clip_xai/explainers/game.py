@@ -1,0 +1,60 @@
+"""GAME: Chefer et al.'s generic attention-model explainability, bi-modal form (METHODS.md §2.2).
+
+Chefer, Gur, Wolf, "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers", ICCV 2021; reference code hila-chefer/Transformer-MM-Explainability
+(CLIP_explainability.ipynb ``interpret``), reused by Cyang-Zhao/Grad-Eclip (generate_emap.py
+``mm_interpret``). Implemented from the paper/METHODS.md description, not copied.
+
+R = I; for each block b ≥ ``start_layer`` in forward order: Ā_b = mean_heads(clamp_min(∇A_b ⊙ A_b, 0)),
+R ← R + Ā_b·R. Image map: R[CLS, patches]. Text map: R[pool, :] (EOT for CLIP, ``<s>`` for AltCLIP);
+post-processing keeps the caption tokens only.
+
+Choices:
+
+* ``start_layer: -1`` (default) reproduces the reference quirk: only the LAST block is used, so
+  the map is the pooled row of I + Ā_last (the identity adds nothing off the diagonal, so on the
+  patches it is Ā_last[CLS, patches]). ``start_layer: 0`` is the full recursion of the paper.
+* Target: the cosine similarity s, not the reference's logit = logit_scale·s. With one block the
+  map is only multiplied by the positive constant (removed by min-max). With several blocks the
+  k-th order terms of R scale like logit_scale^k, so the maps differ; ``target_scale`` (default
+  1 = cosine; 100 = OpenAI's logit scale) reproduces the reference exactly.
+* Text: the reference divides R[eot, 1:eot] by its sum. R ≥ 0, so that is a positive rescaling and
+  the shared min-max over the caption tokens gives the identical map; the raw row is returned.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from clip_xai.explainers.attention import (
+    attention_and_grads, blocks_from, game_relevance, other_target, pooled_row, positive_grad_attention, side,
+    tower_for,
+)
+from clip_xai.explainers.base import Explainer
+from clip_xai.models.base import ClipAdapter
+from clip_xai.types import TextTokens
+
+
+class GAME(Explainer):
+    modalities = frozenset({"image", "text"})
+
+    def __init__(self, name: str = "game", modality: str = "image", start_layer: int = -1, target_scale: float = 1.0):
+        super().__init__(name, modality)
+        self.start_layer = start_layer
+        self.target_scale = float(target_scale)
+
+    def check_model(self, model: ClipAdapter) -> None:
+        tower_for(model, self.modality).layer(self.start_layer)
+
+    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+        s = side(model, self.modality, pixels, tokens)
+        blocks = blocks_from(s.tower, self.start_layer)
+        target = other_target(model, self.modality, pixels, tokens)
+        probs, grads = attention_and_grads(s, target, blocks, scale=self.target_scale)
+        cams = [positive_grad_attention(p, g) for p, g in zip(probs, grads)]
+        return s.to_map(pooled_row(game_relevance(cams), s.pool))
+
+    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        return self._explain(model, pixels, tokens)
+
+    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        return self._explain(model, pixels, tokens)

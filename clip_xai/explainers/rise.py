@@ -1,0 +1,248 @@
+"""RISE: Randomized Input Sampling for Explanation (Petsiuk et al., BMVC 2018; METHODS.md §2.7).
+
+The GE/PRED variant (Cyang-Zhao/Grad-Eclip, generate_emap.py ``generate_masks``/``rise``) for
+images and a NIB-style variant (LMBTough/NIB, salicncy/rise.py ``RISET``) for captions.
+
+Image (``modality: image``). ``n_masks`` smooth random masks: a Bernoulli(``p1``) grid of
+``s``×``s`` cells, bilinearly upsampled to ``(s+1)·ceil(H/s)`` (and ``W``), then cropped at a
+random offset in ``[0, cell)``. Each mask M_k gives a masked image whose score is
+``s_k = cos(f_I(masked_k), f_T)``; the map is ``Σ_k s_k·M_k / (N·p1)`` at image size (B,H,W).
+
+Choices, all documented deviations or reference reproductions:
+
+* **Seeded, shared masks (the fix for the reference).** The reference redraws masks on every call
+  from the unseeded global NumPy RNG, so a clean and a perturbed map of one image use different
+  masks and the sensitivity metrics measure RNG noise (PRED reports ~zero stability for RISE).
+  Here the masks are drawn ONCE per (``mask_seed``, image size, device) from a
+  ``torch.Generator`` on the model's device and cached on the explainer; every sample, clean or
+  perturbed, uses the same masks. ``mask_seed: null`` reproduces the reference (fresh masks from
+  the global torch RNG on every call, nothing cached).
+* **Upsampling.** The reference uses ``skimage.transform.resize(order=1, mode='reflect',
+  anti_aliasing=False)``. We build the equivalent separable linear-interpolation matrix in torch:
+  half-pixel centres (``u = (j+0.5)·s/up − 0.5``, i.e. ``align_corners=False``) and skimage's
+  ``reflect`` boundary (mirror without repeating the edge cell: index −1 → 1, s → s−2). Plain
+  ``F.interpolate(align_corners=False)`` would clamp at the border instead. The cache stores only
+  the binary grids and crop offsets; a chunk of masks is materialised on demand as
+  ``R_k · grid_k · C_kᵀ`` (R, C = cropped rows of the interpolation matrices), so 2000 masks cost
+  no 400 MB of memory.
+* **Masked pixels.** The reference multiplies the *normalised* image by the mask, so masked
+  pixels become 0 in normalised space, i.e. the dataset mean colour. Our pixels are [0,1] and the
+  tower normalises inside, so we blend towards the mean colour: ``x_k = μ + M_k·(x − μ)`` with
+  ``μ = model.vision.mean`` (0.5 grey if the tower has no ``mean`` buffer). This is exactly the
+  reference's operation.
+* **Batching.** Samples and masks are batched together: each forward sees ``B·chunk`` images.
+
+Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
+``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
+random offset in ``[0, cell)`` to the ``n`` caption (content) tokens of each sample. A mask scales
+the caption tokens' input vectors (the output of ``Tower.embed``; start/end/padding tokens are
+never scaled) before block 0; the score is ``cos(f_T(masked), f_I)``; the map is
+``Σ_k s_k·M_k/(N·p1_text)`` per token (B,L), zero outside the caption. Deviations from NIB: NIB
+scales rows of the token-embedding *table* (so also the special tokens whose ids it passes, and
+before positional embeddings are added); we scale the embedded caption vectors, which includes
+their positional part (and, on AltCLIP, the embedding LayerNorm output). The masks are drawn once
+per (``mask_seed``, device) and the crop for a caption of ``n`` tokens is a deterministic function
+of ``n``, so the same caption always sees the same masks. NIB uses N=200, s=8, p1=0.1; the
+defaults here use p1=0.5 like the image variant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clip_xai.errors import ClipXaiError
+from clip_xai.explainers.base import Explainer, image_target, text_target
+from clip_xai.models.base import ClipAdapter
+from clip_xai.types import TextTokens
+
+
+def interp_matrix(s: int, up: int, device=None, dtype=torch.float32) -> Tensor:
+    """(up, s) linear-interpolation matrix: ``out = W @ grid`` resizes ``s`` cells to ``up`` samples.
+
+    Matches ``skimage.transform.resize(order=1, mode='reflect', anti_aliasing=False)`` along one
+    axis: half-pixel centres and mirror boundary without edge repetition.
+    """
+    u = (torch.arange(up, dtype=torch.float64) + 0.5) * (s / up) - 0.5
+    i0 = torch.floor(u)
+    frac = u - i0
+    i0 = i0.long()
+
+    def reflect(i: Tensor) -> Tensor:
+        if s == 1:
+            return torch.zeros_like(i)
+        period = 2 * (s - 1)
+        i = i.abs() % period
+        return torch.where(i > s - 1, period - i, i)
+
+    w = torch.zeros(up, s, dtype=torch.float64)
+    rows = torch.arange(up)
+    w.index_put_((rows, reflect(i0)), 1 - frac, accumulate=True)
+    w.index_put_((rows, reflect(i0 + 1)), frac, accumulate=True)
+    return w.to(device=device, dtype=dtype)
+
+
+class RiseMasks:
+    """N image masks of size (H, W), stored as binary grids + crop offsets (see module docstring)."""
+
+    def __init__(self, n: int, s: int, p1: float, size: tuple[int, int], device: torch.device,
+                 generator: torch.Generator | None):
+        self.n, self.s, self.p1 = n, s, p1
+        self.size = (int(size[0]), int(size[1]))
+        h, w = self.size
+        cell_h, cell_w = math.ceil(h / s), math.ceil(w / s)
+        kw = dict(generator=generator, device=device)
+        self.grid = (torch.rand(n, s, s, **kw) < p1).float()
+        off_h = torch.randint(0, cell_h, (n,), **kw)
+        off_w = torch.randint(0, cell_w, (n,), **kw)
+        self.offsets = torch.stack([off_h, off_w], dim=1)  # (N, 2): row, column crop offsets
+        self.rows = interp_matrix(s, (s + 1) * cell_h, device)
+        self.cols = interp_matrix(s, (s + 1) * cell_w, device)
+
+    def chunk(self, start: int, stop: int) -> Tensor:
+        """Masks ``start..stop-1`` as a (k, H, W) float tensor in [0, 1]."""
+        h, w = self.size
+        dev = self.grid.device
+        off = self.offsets[start:stop]
+        r = self.rows[off[:, :1] + torch.arange(h, device=dev)]  # (k, H, s)
+        c = self.cols[off[:, 1:] + torch.arange(w, device=dev)]  # (k, W, s)
+        return r @ self.grid[start:stop] @ c.transpose(1, 2)
+
+    def full(self) -> Tensor:
+        return self.chunk(0, self.n)
+
+
+class RiseTextMasks:
+    """N 1-D token masks; the crop for a caption of ``n`` tokens is derived deterministically."""
+
+    def __init__(self, n: int, s: int, p1: float, device: torch.device, generator: torch.Generator | None):
+        self.n, self.s, self.p1 = n, s, p1
+        kw = dict(generator=generator, device=device)
+        self.grid = (torch.rand(n, s, **kw) < p1).float()
+        self.shift = torch.rand(n, **kw)  # crop offset = floor(shift·cell), in [0, cell)
+        self._by_length: dict[int, Tensor] = {}
+
+    def for_length(self, length: int) -> Tensor:
+        """(N, length) masks for a caption of ``length`` content tokens."""
+        if length not in self._by_length:
+            dev = self.grid.device
+            cell = max(1, math.ceil(length / self.s))
+            mat = interp_matrix(self.s, (self.s + 1) * cell, dev)
+            off = (self.shift * cell).floor().long().clamp_max(cell - 1)
+            rows = mat[off[:, None] + torch.arange(length, device=dev)]  # (N, length, s)
+            self._by_length[length] = (rows @ self.grid[:, :, None]).squeeze(-1)
+        return self._by_length[length]
+
+
+class RISE(Explainer):
+    """RISE saliency (see module docstring for the reference behaviour and the deviations)."""
+
+    modalities = frozenset({"image", "text"})
+
+    def __init__(self, name: str = "rise", modality: str = "image", n_masks: int = 2000, s: int = 8,
+                 p1: float = 0.5, chunk: int = 100, mask_seed: int | None = 0, n_masks_text: int = 200,
+                 s_text: int = 8, p1_text: float = 0.5):
+        super().__init__(name, modality)
+        for key, val in (("n_masks", n_masks), ("s", s), ("chunk", chunk), ("n_masks_text", n_masks_text),
+                         ("s_text", s_text)):
+            if int(val) < 1:
+                raise ClipXaiError(f"rise {key}={val} must be a positive integer", f"set explainer.{key}>=1")
+        for key, val in (("p1", p1), ("p1_text", p1_text)):
+            if not 0.0 < float(val) <= 1.0:
+                raise ClipXaiError(f"rise {key}={val} must be in (0, 1]", f"set explainer.{key} to e.g. 0.5")
+        self.n_masks, self.s, self.p1 = int(n_masks), int(s), float(p1)
+        self.chunk = int(chunk)
+        self.mask_seed = None if mask_seed is None else int(mask_seed)
+        self.n_masks_text, self.s_text, self.p1_text = int(n_masks_text), int(s_text), float(p1_text)
+        self._image_masks: dict[tuple, RiseMasks] = {}
+        self._text_masks: dict[tuple, RiseTextMasks] = {}
+
+    # --- masks ---------------------------------------------------------------------------------
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.mask_seed is None:
+            return None  # reference behaviour: unseeded, fresh masks every call
+        return torch.Generator(device=device).manual_seed(self.mask_seed)
+
+    def image_masks(self, size: tuple[int, int], device: torch.device) -> RiseMasks:
+        """The masks for images of ``size`` on ``device``: created once, then reused."""
+        device = torch.device(device)
+        key = (self.mask_seed, int(size[0]), int(size[1]), str(device))
+        if self.mask_seed is None or key not in self._image_masks:
+            masks = RiseMasks(self.n_masks, self.s, self.p1, size, device, self._generator(device))
+            if self.mask_seed is None:
+                return masks
+            self._image_masks[key] = masks
+        return self._image_masks[key]
+
+    def text_masks(self, device: torch.device) -> RiseTextMasks:
+        device = torch.device(device)
+        key = (self.mask_seed, str(device))
+        if self.mask_seed is None or key not in self._text_masks:
+            masks = RiseTextMasks(self.n_masks_text, self.s_text, self.p1_text, device, self._generator(device))
+            if self.mask_seed is None:
+                return masks
+            self._text_masks[key] = masks
+        return self._text_masks[key]
+
+    # --- image ---------------------------------------------------------------------------------
+
+    def _image_scores(self, model: ClipAdapter, masked: Tensor, target: Tensor) -> Tensor:
+        """(B, k, 3, H, W) masked images, (B, E) unit targets → (B, k) cosine scores."""
+        b, k = masked.shape[:2]
+        emb = model.encode_image(masked.flatten(0, 1)).view(b, k, -1)
+        return (emb.float() * target.float()[:, None]).sum(-1)
+
+    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        target = text_target(model, tokens)
+        masks = self.image_masks(tuple(pixels.shape[-2:]), pixels.device)
+        mean = getattr(model.vision, "mean", None)
+        mean = torch.full((1, 3, 1, 1), 0.5, device=pixels.device) if mean is None else mean
+        mean = mean.to(device=pixels.device, dtype=pixels.dtype)[:, None]  # (1,1,3,1,1)
+        x = pixels[:, None]  # (B,1,3,H,W)
+        sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
+        with torch.no_grad():
+            for start in range(0, masks.n, self.chunk):
+                m = masks.chunk(start, min(start + self.chunk, masks.n))  # (k,H,W)
+                masked = mean + m[None, :, None].to(pixels.dtype) * (x - mean)  # (B,k,3,H,W)
+                scores = self._image_scores(model, masked, target)  # (B,k)
+                sal += torch.einsum("bk,khw->bhw", scores.float(), m.float())
+        return sal / (masks.n * masks.p1)
+
+    # --- text ----------------------------------------------------------------------------------
+
+    def _text_scores(self, model: ClipAdapter, tokens: TextTokens, mult: Tensor, target: Tensor) -> Tensor:
+        """Score ``k`` masked variants of every caption: ``mult`` (B, k, L) scales the embedded tokens."""
+        b, k, length = mult.shape
+        tower = model.text
+        x, bias = tower.embed(tokens)
+        rep = torch.arange(b, device=x.device).repeat_interleave(k)
+        x = x[rep] * mult.reshape(b * k, length, 1).to(x.dtype)
+        if bias is not None and bias.dim() >= 3 and bias.shape[0] == b and b > 1:
+            bias = bias[rep]  # per-sample (padding) bias, e.g. (B,1,1,L)
+        x, _ = tower.run(x, bias)
+        emb = F.normalize(tower.pool(x, tokens.index(rep)).float(), dim=-1)
+        return (emb.view(b, k, -1) * target.float()[:, None]).sum(-1)
+
+    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        target = image_target(model, pixels)
+        content = tokens.content_mask.bool()
+        b, length = content.shape
+        device = tokens.ids.device
+        masks = self.text_masks(device)
+        # Per-sample (N, L) multipliers: the caption tokens get their mask, everything else 1.
+        full = torch.ones(b, masks.n, length, device=device)
+        for i in range(b):
+            pos = content[i].nonzero().squeeze(-1)
+            if pos.numel():
+                full[i][:, pos] = masks.for_length(pos.numel())
+        sal = torch.zeros(b, length, device=device)
+        with torch.no_grad():
+            for start in range(0, masks.n, self.chunk):
+                mult = full[:, start : start + self.chunk]  # (B,k,L)
+                scores = self._text_scores(model, tokens, mult, target)  # (B,k)
+                sal += torch.einsum("bk,bkl->bl", scores, mult)
+        sal = sal / (masks.n * masks.p1)
+        return sal * content

@@ -1,0 +1,253 @@
+"""CLIP Surgery, MaskCLIP and RISE explainers on every backend (small random models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_xai.explainers.maskclip import MaskCLIP
+from clip_xai.explainers.rise import RISE, interp_matrix
+from clip_xai.explainers.surgery import TEMPLATES, CLIPSurgery, surgery_tokens
+from clip_xai.models.base import attend, merge_heads
+
+FEW_CLASSES = ["person", "dog", "tree", "car", "sky"]
+
+CASES = {
+    "surgery": lambda: CLIPSurgery(),
+    "surgery_class_set": lambda: CLIPSurgery(redundant="class_set", templates="single", class_names=FEW_CLASSES),
+    "maskclip": lambda: MaskCLIP(),
+    "rise_image": lambda: RISE(n_masks=8, chunk=4, mask_seed=0),
+    "rise_text": lambda: RISE(modality="text", n_masks_text=8, chunk=4, mask_seed=0),
+}
+
+
+@pytest.fixture(params=["tiny", "altclip_tiny"])
+def model(request):
+    """Like conftest's ``any_model``, but skips AltCLIP when its backend cannot be imported."""
+    if request.param == "altclip_tiny":
+        pytest.importorskip("clip_xai.models.altclip")
+    return request.getfixturevalue(request.param)
+
+
+# --- shared contract: shape, finite, informative, batch = singles, deterministic ---------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_contract(model, batch_for, case):
+    pixels, tokens, seeds = batch_for(model, 2)
+    explainer = CASES[case]()
+    out = explainer(model, pixels, tokens, seeds)
+    if explainer.modality == "image":
+        expected = (2, *model.grid) if not case.startswith("rise") else (2, *pixels.shape[-2:])
+        assert tuple(out.shape) == expected
+    else:
+        assert tuple(out.shape) == tuple(tokens.ids.shape)
+        assert (out[~tokens.content_mask] == 0).all()
+    assert torch.isfinite(out).all()
+    for i in range(2):
+        values = out[i] if explainer.modality == "image" else out[i][tokens.content_mask[i]]
+        assert values.std() > 0, f"{case} gave a constant map for sample {i}"
+    singles = torch.cat([explainer(model, pixels[i : i + 1], tokens.index([i]), seeds[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(out, singles, atol=1e-5, rtol=1e-4)
+    again = CASES[case]()(model, pixels[:1], tokens.index([0]), seeds[:1])  # fresh instance, same seed
+    assert torch.equal(again, singles[:1])
+
+
+# --- MaskCLIP ---------------------------------------------------------------------------------
+
+
+def test_maskclip_matches_recomputation(model, batch_for):
+    pixels, tokens, seeds = batch_for(model, 2)
+    out = MaskCLIP()(model, pixels, tokens, seeds)
+    tower = model.vision
+    last = tower.n_layers - 1
+    block = tower.blocks[last]
+    with torch.no_grad():
+        _, recs = tower(pixels, record=(last,))
+        rec = recs[last]
+        b, h, n, dh = rec.v.shape
+        v = rec.v.permute(0, 2, 1, 3).reshape(b, n, h * dh)
+        k = rec.k.permute(0, 2, 1, 3).reshape(b, n, h * dh)
+        v_final = block.post_attn(rec.x_in, block.out_proj(v))
+        feats = F.normalize(tower.project_tokens(v_final), dim=-1)
+        text = F.normalize(model.text(tokens)[0], dim=-1)
+        cos = torch.einsum("bne,be->bn", feats, text)
+        k_out = block.out_proj(k)
+        ksim = F.cosine_similarity(k_out[:, :1], k_out, dim=-1)
+        expected = (cos * ksim)[:, 1:].reshape(b, *model.grid)
+        # the value/key projections do not depend on the head split (the reference uses one head)
+        _, one = tower(pixels, record=(last,), heads={last: 1})
+        torch.testing.assert_close(one[last].merged("v"), v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    plain = MaskCLIP(ksim=False)(model, pixels, tokens, seeds)
+    torch.testing.assert_close(plain, cos[:, 1:].reshape(b, *model.grid), atol=1e-5, rtol=1e-4)
+
+
+# --- CLIP Surgery -----------------------------------------------------------------------------
+
+
+def test_surgery_zero_layers_is_plain_forward(model, batch_for):
+    pixels, _, _ = batch_for(model, 2)
+    tower = model.vision
+    with torch.no_grad():
+        x, bias = tower.embed(pixels)
+        x, _ = tower.run(x, bias)
+        plain = tower.project_tokens(x)
+        ours = surgery_tokens(tower, pixels, 0)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_surgery_one_layer_matches_records(model, batch_for):
+    """With surgery on the last block only, the v-v path is x_in + out_proj(softmax(v vᵀ/√d) v)."""
+    pixels, _, _ = batch_for(model, 2)
+    tower = model.vision
+    last = tower.n_layers - 1
+    block = tower.blocks[last]
+    with torch.no_grad():
+        _, recs = tower(pixels, record=(last,))
+        rec = recs[last]
+        ctx, _ = attend(rec.v, rec.v, rec.v, None)
+        x_new = rec.x_in + block.out_proj(merge_heads(ctx))
+        x_new[:, 0] = rec.x_out[:, 0]  # CLS from the original path
+        expected = tower.project_tokens(x_new)
+        ours = surgery_tokens(tower, pixels, 1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_surgery_empty_prompt_formula(model, batch_for):
+    pixels, tokens, seeds = batch_for(model, 2)
+    with torch.no_grad():
+        raw = surgery_tokens(model.vision, pixels, 6)
+        prompts = model.tokenize([t.format("") for t in TEMPLATES])
+        empty = F.normalize(F.normalize(model.text(prompts)[0], dim=-1).mean(0), dim=-1)
+        text = F.normalize(model.text(tokens)[0], dim=-1)
+    for image_norm, dim in (("tokens", 1), ("channels", -1)):
+        out = CLIPSurgery(image_norm=image_norm)(model, pixels, tokens, seeds)
+        feats = raw / raw.norm(dim=dim, keepdim=True)
+        sim = torch.einsum("bne,be->bn", feats, text - empty)
+        torch.testing.assert_close(out, model.patch_map(sim), atol=1e-5, rtol=1e-4)
+
+
+def test_surgery_class_set_matches_feature_surgery(tiny, batch_for):
+    """The reduced channel-0 formula equals CS's clip_feature_surgery written out in full."""
+    pixels, tokens, seeds = batch_for(tiny, 2)
+    explainer = CLIPSurgery(redundant="class_set", templates="single", class_names=FEW_CLASSES)
+    out = explainer(tiny, pixels, tokens, seeds)
+    with torch.no_grad():
+        feats = explainer.token_features(tiny, pixels)  # (B,N,E)
+        names = F.normalize(tiny.text(tiny.tokenize(FEW_CLASSES))[0], dim=-1)
+        text = F.normalize(tiny.text(tokens)[0], dim=-1)
+        texts = torch.cat([text[:, None], names[None].expand(2, -1, -1)], 1)  # (B,T,E)
+        prob = (2 * torch.einsum("bne,bte->bnt", feats, texts)).softmax(-1)
+        w = prob / prob.mean(-1, keepdim=True)
+        full = feats[:, :, None] * texts[:, None] * w[..., None]  # (B,N,T,E)
+        sim = (full - full.mean(2, keepdim=True)).sum(-1)[..., 0]
+    torch.testing.assert_close(out, tiny.patch_map(sim), atol=1e-5, rtol=1e-4)
+
+
+def test_surgery_rejects_bad_settings(tiny):
+    from clip_xai.errors import ClipXaiError
+
+    with pytest.raises(ClipXaiError):
+        CLIPSurgery(redundant="nope")
+    with pytest.raises(ClipXaiError):
+        CLIPSurgery(surgery_layers=99).check_model(tiny)
+    with pytest.raises(ClipXaiError):
+        CLIPSurgery(modality="text")
+
+
+# --- RISE -------------------------------------------------------------------------------------
+
+
+def test_rise_masks_seeded_cached_and_in_range():
+    cpu = torch.device("cpu")
+    explainer = RISE(n_masks=128, s=8, p1=0.5, mask_seed=3)
+    masks = explainer.image_masks((224, 224), cpu)
+    assert explainer.image_masks((224, 224), cpu) is masks  # cached, not redrawn
+    full = masks.full()
+    assert full.shape == (128, 224, 224)
+    assert full.min() >= 0 and full.max() <= 1
+    assert abs(full.mean().item() - 0.5) < 0.05
+    same = RISE(n_masks=128, s=8, p1=0.5, mask_seed=3).image_masks((224, 224), cpu)
+    assert torch.equal(same.full(), full)
+    other = RISE(n_masks=128, s=8, p1=0.5, mask_seed=4).image_masks((224, 224), cpu)
+    assert not torch.equal(other.full(), full)
+    unseeded = RISE(n_masks=8, mask_seed=None)  # reference behaviour: fresh masks every call
+    assert not torch.equal(unseeded.image_masks((64, 64), cpu).full(), unseeded.image_masks((64, 64), cpu).full())
+    text = explainer.text_masks(cpu)
+    m5 = text.for_length(5)
+    assert m5.shape == (200, 5) and m5.min() >= 0 and m5.max() <= 1
+    assert text.for_length(5) is m5 and explainer.text_masks(cpu) is text
+
+
+def test_rise_upsampling_matches_skimage():
+    resize = pytest.importorskip("skimage.transform").resize
+    explainer = RISE(n_masks=4, mask_seed=0)
+    masks = explainer.image_masks((224, 224), torch.device("cpu"))
+    full = masks.full().numpy()
+    for i in range(4):
+        x, y = masks.offsets[i].tolist()
+        ref = resize(masks.grid[i].numpy(), (9 * 28, 9 * 28), order=1, mode="reflect", anti_aliasing=False)
+        assert abs(full[i] - ref[x : x + 224, y : y + 224]).max() < 1e-5
+    w = interp_matrix(8, 18, dtype=torch.float64).numpy()
+    g = masks.grid[0, 0].numpy()
+    assert abs(w @ g - resize(g, (18,), order=1, mode="reflect", anti_aliasing=False)).max() < 1e-6
+
+
+def test_rise_same_masks_for_clean_and_perturbed(tiny, monkeypatch):
+    explainer = RISE(n_masks=12, chunk=5, mask_seed=0)
+    used, masked_inputs = [], []
+    real_masks = explainer.image_masks
+
+    def spy_masks(size, device):
+        m = real_masks(size, device)
+        used.append(m)
+        return m
+
+    def fake_scores(model, masked, target):
+        masked_inputs.append(masked.clone())
+        return masked.mean(dim=(2, 3, 4))
+
+    monkeypatch.setattr(explainer, "image_masks", spy_masks)
+    monkeypatch.setattr(explainer, "_image_scores", fake_scores)
+    tokens = tiny.tokenize(["a dog"])
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(1, 3, 224, 224, generator=gen)
+    perturbed = (clean + 0.03 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+    explainer(tiny, clean, tokens)
+    explainer(tiny, perturbed, tokens)
+    assert len(used) == 2 and used[0] is used[1]
+    full = used[0].full()
+    mean = tiny.vision.mean[:, None]
+    for call, x in enumerate((clean, perturbed)):
+        got = torch.cat(masked_inputs[3 * call : 3 * call + 3], dim=1)  # 3 chunks: 5 + 5 + 2 masks
+        expected = mean + full[None, :, None] * (x[:, None] - mean)
+        torch.testing.assert_close(got, expected)
+
+
+def test_rise_hand_worked_left_half(tiny, monkeypatch):
+    """Score = mean of the masked image's left half → saliency is higher on the left."""
+    explainer = RISE(n_masks=256, chunk=64, mask_seed=0)
+    monkeypatch.setattr(explainer, "_image_scores", lambda model, masked, target: masked[..., :112].mean(dim=(2, 3, 4)))
+    pixels = torch.ones(2, 3, 224, 224)
+    sal = explainer(tiny, pixels, tiny.tokenize(["a", "b"]))
+    assert sal.shape == (2, 224, 224)
+    left, right = sal[:, :, :112].mean(dim=(1, 2)), sal[:, :, 112:].mean(dim=(1, 2))
+    assert (left > right + 0.01).all()
+    # far from the boundary the map is flat on each side up to mask noise; the centre rows agree
+    assert sal[:, :, :80].mean() > sal[:, :, 144:].mean()
+
+
+def test_rise_text_hand_worked(tiny, monkeypatch):
+    """Text score = mask value at the first caption token → that token gets the highest saliency."""
+    explainer = RISE(modality="text", n_masks_text=256, chunk=64, mask_seed=0)
+
+    def fake(model, tokens, mult, target):
+        return mult[:, :, 1]
+
+    monkeypatch.setattr(explainer, "_text_scores", fake)
+    tokens = tiny.tokenize(["a big red dog runs on the green grass today"])
+    sal = explainer(tiny, torch.rand(1, 3, 224, 224), tokens)[0]
+    content = tokens.content_mask[0]
+    assert sal[~content].abs().max() == 0
+    assert sal[content].argmax().item() == 0  # position 1 is the first content token
