@@ -10,15 +10,10 @@ from clip_xai.explainers.mfaba import MFABA
 from clip_xai.explainers.saliency import Saliency
 
 
-@pytest.fixture(params=["tiny", "altclip_tiny"])
-def model(request):
-    """Each backend; AltCLIP is skipped if its adapter cannot be built here."""
-    if request.param == "altclip_tiny":
-        try:
-            return request.getfixturevalue("altclip_tiny")
-        except Exception as err:  # adapter still being written, or transformers missing
-            pytest.skip(f"altclip_tiny unavailable: {err}")
-    return request.getfixturevalue(request.param)
+@pytest.fixture()
+def model(any_model):
+    """Each backend in turn (conftest's ``any_model``)."""
+    return any_model
 
 
 def pixel_grad(model, pixels, tokens):

@@ -198,9 +198,7 @@ class RISE(Explainer):
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         target = text_target(model, tokens)
         masks = self.image_masks(tuple(pixels.shape[-2:]), pixels.device)
-        mean = getattr(model.vision, "mean", None)
-        mean = torch.full((1, 3, 1, 1), 0.5, device=pixels.device) if mean is None else mean
-        mean = mean.to(device=pixels.device, dtype=pixels.dtype)[:, None]  # (1,1,3,1,1)
+        mean = model.vision.mean.to(dtype=pixels.dtype)[:, None]  # (1,1,3,1,1): 0 after normalisation
         x = pixels[:, None]  # (B,1,3,H,W)
         sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
         with torch.no_grad():

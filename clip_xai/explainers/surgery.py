@@ -12,8 +12,8 @@ pieces (:class:`BlockOps`): both paths read ``pre_attn(x_ori)``.
 
 Then the prefix (CLS) rows of ``x_new`` are replaced by those of ``x_ori`` and ``project_tokens``
 (final norm + projection) is applied to every token. With ``surgery_layers: 0`` this is
-``project_tokens`` of the ordinary forward. (The new path adds the attention output without a
-layer scale, as in the reference; CLIP weights have none.)
+``project_tokens`` of the ordinary forward. (The new path adds the attention output through the
+block's own residual step, ``BlockOps.add_attn``, so a layer scale is honoured; CLIP has none.)
 
 **Feature surgery.**
 
@@ -98,7 +98,7 @@ def surgery_tokens(tower: Tower, pixels: Tensor, surgery_layers: int) -> Tensor:
         q, k, v = (split_heads(t, blk.n_heads) for t in blk.qkv(blk.pre_attn(x)))
         ctx_ori = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ctx_vv = F.scaled_dot_product_attention(v, v, v, attn_mask=mask)
-        x_new = x_new + blk.out_proj(merge_heads(ctx_vv))
+        x_new = blk.add_attn(x_new, blk.out_proj(merge_heads(ctx_vv)))
         x = blk.post_attn(x, blk.out_proj(merge_heads(ctx_ori)))
     if surgery_layers > 0:
         # n_prefix is an adapter attribute; the vision tower's pooled row is the CLS (row 0).

@@ -89,6 +89,10 @@ class BlockOps:
     def post_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def add_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        """The attention residual alone (no MLP), e.g. CLIP Surgery's v–v path; layer scale included."""
+        return x + attn_out
+
     def forward(self, x: Tensor, bias: Tensor | None, record: bool, heads: int | None = None):
         """Run the block; return (x_out, BlockRecord or None)."""
         heads = heads or self.n_heads
@@ -111,6 +115,11 @@ class Tower(nn.Module):
     Subclasses implement ``embed`` (inputs → hidden states before block 0, plus the additive
     attention bias), ``pool`` (final hidden states → projected embedding) and
     ``project_tokens`` (the same head applied to every token), and set ``blocks``.
+
+    The bias is None, a shared (N, N) mask (CLIP's causal text mask) or a per-sample
+    (B, 1, 1, N) padding mask (AltCLIP text); it broadcasts against (B, H, N, N) scores.
+    Vision towers also hold ``mean``/``std`` (1,3,1,1) buffers: the normalisation that
+    ``embed`` applies to [0,1] pixels (methods that blank pixels "to the mean colour" use them).
     """
 
     blocks: list[BlockOps]

@@ -39,10 +39,12 @@ class OpenClipBlock(BlockOps):
     def out_proj(self, ctx: Tensor) -> Tensor:
         return self.block.attn.out_proj(ctx)
 
+    def add_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + self.block.ls_1(attn_out)
+
     def post_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        b = self.block
-        x = x + b.ls_1(attn_out)
-        return x + b.ls_2(b.mlp(b.ln_2(x)))
+        x = self.add_attn(x, attn_out)
+        return x + self.block.ls_2(self.block.mlp(self.block.ln_2(x)))
 
 
 def _check_supported(transformer: nn.Module) -> None:
