@@ -253,6 +253,8 @@ class AltClipAdapter(ClipAdapter):
     native ``output_attentions=True`` works for cross-checks.
     """
 
+    text_mask_rule = "pad_attention"  # XLM-R id 0 is <s>: writing 0 would insert start tokens
+
     def __init__(self, name: str, repo_id: str = "BAAI/AltCLIP", pretrained: bool | str = True, seed: int = 0,
                  cache_dir: str | None = None, config_overrides: dict | None = None):
         super().__init__()

@@ -200,7 +200,9 @@ class ClipAdapter(nn.Module):
 
     Attributes every explainer may use: ``vision``/``text`` towers, ``image_size``,
     ``patch_size``, ``grid`` (patch rows, cols), ``n_prefix`` (tokens before the patches: 1 = CLS),
-    ``mask_token_id`` (what the M2IB text protocol writes into dropped tokens), ``pad_id``.
+    ``mask_token_id`` (what the M2IB text protocol writes into dropped tokens), ``pad_id``,
+    ``text_mask_rule`` (how the faithfulness text protocol drops tokens on this backend:
+    ``mask_id`` = M2IB's rule for CLIP tokenisers, ``pad_attention`` = pad + attention mask).
     """
 
     name: str
@@ -211,6 +213,7 @@ class ClipAdapter(nn.Module):
     n_prefix: int = 1
     mask_token_id: int = 0
     pad_id: int = 0
+    text_mask_rule: str = "mask_id"
     context_length: int
 
     @property

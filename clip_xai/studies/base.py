@@ -79,7 +79,7 @@ class Study:
     # -- hooks for subclasses ---------------------------------------------------------------
     def check(self, ctx: RunContext) -> None:
         """Validate the combination of model/explainer/metrics before any work is done."""
-        if getattr(ctx.metrics, "suite", self.metrics_suite) != self.metrics_suite:
+        if getattr(ctx.metrics, "suite", None) != self.metrics_suite:
             raise ClipXaiError(f"study={self.name} needs metrics={self.metrics_suite}",
                                f"add metrics={self.metrics_suite} to the command line")
         ctx.explainer.check_model(ctx.model)

@@ -48,6 +48,8 @@ class SensitivityMetrics:
     ``map_flag`` names the reason.
     """
 
+    suite = "sensitivity"
+
     def __init__(self, k: int = 100, ssim_chunk: int = 64) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
