@@ -31,9 +31,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Seconds per call (median of ``repeats`` after one warm-up)."""
+def _time(fn, device: torch.device, repeats: int, slow: float = 2.0) -> float:
+    """Seconds per call: median of ``repeats`` after one warm-up; a warm-up slower than ``slow``
+    seconds is itself the measurement (one-off start-up costs are then negligible)."""
+    _sync(device)
+    t = time.perf_counter()
     fn()
+    _sync(device)
+    first = time.perf_counter() - t
+    if first > slow:
+        return first
     times = []
     for _ in range(repeats):
         _sync(device)

@@ -16,8 +16,8 @@ Image (target: the caption's text embedding): the last ``image_layers`` blocks (
 map = Σ_b ReLU(m_b) on the patches; λ is min-maxed over the patches. Text (target: the image
 embedding): the last ``text_layers`` blocks (reference: 8), map = ReLU(Σ_b m_b) over all positions;
 λ is min-maxed over ``ksim_keys``: ``all`` positions of the padded sequence (reference: all 77 CLIP
-positions) or ``attended`` ones (attention mask 1). On AltCLIP, whose batches are padded to the
-longest caption, ``all`` makes a text map depend on its batch mates' lengths; ``attended`` does not.
+positions) or ``attended`` ones (attention mask 1). Both adapters pad to the fixed context
+length, so neither choice makes a map depend on its batch mates.
 The reference divides the text scores by their sum; they are ≥ 0, so the shared min-max gives the
 same map and the raw scores are returned.
 

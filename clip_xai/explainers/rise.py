@@ -30,7 +30,8 @@ Choices, all documented deviations or reference reproductions:
   tower normalises inside, so we blend towards the mean colour: ``x_k = μ + M_k·(x − μ)`` with
   ``μ = model.vision.mean`` (0.5 grey if the tower has no ``mean`` buffer). This is exactly the
   reference's operation.
-* **Batching.** Samples and masks are batched together: each forward sees ``B·chunk`` images.
+* **Batching.** Samples and masks are batched together: each forward sees about ``chunk`` masked
+  images (``chunk // B`` masks for each of the B samples), so memory does not grow with B.
 
 Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
 ``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
@@ -201,9 +202,10 @@ class RISE(Explainer):
         mean = model.vision.mean.to(dtype=pixels.dtype)[:, None]  # (1,1,3,1,1): 0 after normalisation
         x = pixels[:, None]  # (B,1,3,H,W)
         sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
+        per_pass = max(1, self.chunk // pixels.shape[0])  # masks per pass: B·per_pass ≈ chunk images
         with torch.no_grad():
-            for start in range(0, masks.n, self.chunk):
-                m = masks.chunk(start, min(start + self.chunk, masks.n))  # (k,H,W)
+            for start in range(0, masks.n, per_pass):
+                m = masks.chunk(start, min(start + per_pass, masks.n))  # (k,H,W)
                 masked = mean + m[None, :, None].to(pixels.dtype) * (x - mean)  # (B,k,3,H,W)
                 scores = self._image_scores(model, masked, target)  # (B,k)
                 sal += torch.einsum("bk,khw->bhw", scores.float(), m.float())
