@@ -73,7 +73,7 @@ class Explainer:
         raise NotImplementedError
 
     def config_key(self) -> str:
-        """Stable hash of the explainer's settings (for the clean-map cache)."""
+        """Stable hash of the explainer's scalar settings (tests check yaml defaults = class defaults)."""
         state = {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
         state["class"] = type(self).__qualname__
         return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
