@@ -327,3 +327,13 @@ def test_wandb_logging_always_finishes(report: Path, monkeypatch) -> None:
     with pytest.raises(RuntimeError):
         log_report(report, sorted((report / "figures").glob("*")), sorted((report / "tables").glob("*")), {})
     assert calls == ["report", "log", "finish"]
+
+
+def test_random_weight_models_are_named(report: Path) -> None:
+    """Pretrained runs carry no warning; a frame with a random-weight model names it."""
+    from clip_xai.report.index import _random_weight_models
+
+    assert "random weights" not in (report / "index.md").read_text()
+    frame = pd.DataFrame({"model": ["tiny", "vit_b16", "altclip_tiny"],
+                          "cfg.model.pretrained": [None, "openai", False]})
+    assert _random_weight_models(frame) == ["altclip_tiny", "tiny"]

@@ -97,6 +97,15 @@ def _faithfulness(r: Report, faith: pd.DataFrame) -> None:
         r.skipped.append("ROAD table: all road values are NaN")
 
 
+def _random_weight_models(frame: pd.DataFrame) -> list[str]:
+    """Models whose runs had no pretrained weights (``model.pretrained`` null/false)."""
+    if "cfg.model.pretrained" not in frame.columns or "model" not in frame.columns:
+        return []
+    w = frame["cfg.model.pretrained"]
+    random = w.isna() | w.astype(str).str.lower().isin(["false", "none", ""])
+    return sorted(frame.loc[random, "model"].astype(str).unique())
+
+
 def _index_md(r: Report, counts: pd.DataFrame) -> str:
     """The text of index.md."""
     c = r.collection
@@ -108,6 +117,10 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
              f"in {len(c.sweeps)} sweep(s)",
              f"- incomplete runs skipped (no `{DONE_FILE}`): **{len(c.incomplete)}**"]
     lines += [f"  - `{p}`" for p in c.incomplete]
+    random_models = _random_weight_models(c.frame)
+    if random_models:
+        lines.append(f"- **random weights** (not pretrained): {', '.join(f'`{m}`' for m in random_models)}: "
+                     "these runs test the pipeline; their maps say nothing about what CLIP looks at")
     lines += [f"- result rows: **{len(c.frame)}**" + (f" (plus {c.duplicates_dropped} exact duplicate rows, e.g. a copied run, "
                                                       f"dropped)" if c.duplicates_dropped else ""),
               "", "Rows per explainer; `rows_nan_metric` = rows with a NaN in a metric the explainer reports, "
