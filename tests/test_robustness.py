@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 import torch
 
 from clip_xai.__main__ import run

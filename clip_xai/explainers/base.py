@@ -49,7 +49,7 @@ class Explainer:
         self.name = name
         if modality not in MODALITIES:
             raise ClipXaiError(f"unknown modality {modality!r} for explainer {name}",
-                               f"use explainer.modality=image or text")
+                               "use explainer.modality=image or text")
         if modality not in self.modalities:
             raise ClipXaiError(
                 f"explainer {name} has no {modality} maps (it supports: {', '.join(sorted(self.modalities))})",

@@ -7,7 +7,6 @@ keeps those parameter names.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -186,10 +185,3 @@ class OpenClipAdapter(ClipAdapter):
             attention_mask = (pos[None] <= eot[:, None]).long()
         return TextTokens(ids, attention_mask, eot, content)
 
-
-def tiny_config_path() -> Path:
-    return CONFIG_DIR / "tiny.json"
-
-
-def save_config(path: Path, cfg: dict) -> None:
-    path.write_text(json.dumps(cfg, indent=2))

@@ -9,7 +9,6 @@ has no single label to flip, and the thesis did not check it either.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
