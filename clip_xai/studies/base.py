@@ -111,13 +111,16 @@ class Study:
                              pin_memory=ctx.device.type == "cuda")
         examples: dict[str, list] = {}
         start = time.perf_counter()
-        for batch, _, skipped in tqdm(loader, desc=f"{ctx.ids['explainer']}", unit="batch", leave=False):
+        progress = tqdm(total=len(todo), desc=f"{ctx.ids['explainer']}", unit="sample", leave=False)
+        for batch, _, skipped in loader:
             rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
             if len(batch):
                 new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
                 rows += new_rows
                 self._collect_examples(examples, ex, ctx.save_examples)
             writer.append(rows)
+            progress.update(len(batch) + len(skipped))
+        progress.close()
         elapsed = time.perf_counter() - start
         if examples and not (ctx.run_dir / EXAMPLES_FILE).exists():
             np.savez_compressed(ctx.run_dir / EXAMPLES_FILE, **{k: np.concatenate(v)[: ctx.save_examples] for k, v in examples.items()})
