@@ -49,8 +49,8 @@ def repeat_rows(t: Tensor, copies: int) -> Tensor:
 def repeat_bias(bias: Tensor | None, batch: int, copies: int) -> Tensor | None:
     """Repeat a per-sample attention bias with the rows; a shared one (e.g. causal (L, L)) is kept.
 
-    The engine does not document the bias layout. A bias with ≥ 3 dims whose leading dim is the
-    batch (AltCLIP's key-padding bias (B, 1, 1, L)) is taken as per-sample; anything else as shared.
+    Layout per :class:`clip_xai.models.base.Tower`: a (B, 1, 1, L) bias (AltCLIP key padding) is
+    per-sample; None or a shared (L, L) mask (CLIP's causal text mask) is kept as is.
     """
     if bias is None or bias.dim() < 3 or bias.shape[0] != batch:
         return bias

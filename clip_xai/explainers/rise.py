@@ -56,6 +56,7 @@ from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import Explainer, image_target, text_target
+from clip_xai.explainers.bottleneck import repeat_bias
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -220,8 +221,7 @@ class RISE(Explainer):
         x, bias = tower.embed(tokens)
         rep = torch.arange(b, device=x.device).repeat_interleave(k)
         x = x[rep] * mult.reshape(b * k, length, 1).to(x.dtype)
-        if bias is not None and bias.dim() >= 3 and bias.shape[0] == b and b > 1:
-            bias = bias[rep]  # per-sample (padding) bias, e.g. (B,1,1,L)
+        bias = repeat_bias(bias, b, k)  # per-sample (padding) bias follows its rows
         x, _ = tower.run(x, bias)
         emb = F.normalize(tower.pool(x, tokens.index(rep)).float(), dim=-1)
         return (emb.view(b, k, -1) * target.float()[:, None]).sum(-1)
