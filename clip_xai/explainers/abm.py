@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clip_xai.explainers.base import Explainer, SampleRng, grad
+from clip_xai.explainers.base import Explainer, SampleRng, grad, tower_for
 from clip_xai.explainers.bottleneck import Side, capacity, layout, repeat_rows, token_scores
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
@@ -58,11 +58,8 @@ class ABM(Explainer):
         self.record_path = record_path
         self.debug: dict = {}
 
-    def _tower(self, model: ClipAdapter):
-        return model.vision if self.modality == "image" else model.text
-
     def check_model(self, model: ClipAdapter) -> None:
-        self._tower(model).layer(self.target_layer)
+        tower_for(model, self.modality).layer(self.target_layer)
 
     def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         side = Side(model, self.modality, pixels, tokens)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.base import cosine, grad, image_target, pooled_rows, text_target
+from clip_xai.explainers.base import cosine, grad
 from clip_xai.models.base import BlockRecord, ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
@@ -60,11 +60,6 @@ def side(model: ClipAdapter, modality: str, pixels: Tensor, tokens: TextTokens) 
 
         return Side(tower, tokens, tower.pool_index(tokens), lambda t: t, every)
     raise ClipXaiError(f"unknown modality {modality!r}", "use image or text")
-
-
-def other_target(model: ClipAdapter, modality: str, pixels: Tensor, tokens: TextTokens) -> Tensor:
-    """Detached unit embedding of the other modality (the fixed target of the cosine)."""
-    return text_target(model, tokens) if modality == "image" else image_target(model, pixels)
 
 
 def blocks_from(tower: Tower, start_layer: int) -> list[int]:
@@ -134,11 +129,6 @@ def rollout_joint(probs: list[Tensor]) -> Tensor:
     return joint
 
 
-def pooled_row(mat: Tensor, pool: Tensor) -> Tensor:
-    """Row ``pool[b]`` of each (N,N) matrix: (B,N,N) → (B,N)."""
-    return pooled_rows(mat, pool)
-
-
 def pooled_vector(t: Tensor, pool: Tensor) -> Tensor:
     """Token ``pool[b]`` of (B,N,D) → (B,D)."""
     return t[torch.arange(t.shape[0], device=t.device), pool]
@@ -153,8 +143,3 @@ def minmax_masked(x: Tensor, mask: Tensor) -> Tensor:
     lo = x.masked_fill(~mask, float("inf")).min(dim=1, keepdim=True).values
     hi = x.masked_fill(~mask, float("-inf")).max(dim=1, keepdim=True).values
     return (x - lo) / (hi - lo).clamp_min(EPS)
-
-
-def tower_for(model: ClipAdapter, modality: str) -> Tower:
-    """The tower whose maps ``modality`` asks for (used to validate layer settings early)."""
-    return model.vision if modality == "image" else model.text

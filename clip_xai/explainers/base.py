@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockRecord, ClipAdapter
+from clip_xai.models.base import BlockRecord, ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
 MODALITIES = ("image", "text")
@@ -92,6 +92,16 @@ def image_target(model: ClipAdapter, pixels: Tensor) -> Tensor:
     """Detached unit image embeddings: the fixed target of text-side methods."""
     with torch.no_grad():
         return model.encode_image(pixels)
+
+
+def tower_for(model: ClipAdapter, modality: str) -> Tower:
+    """The tower whose maps ``modality`` asks for."""
+    return model.vision if modality == "image" else model.text
+
+
+def other_target(model: ClipAdapter, modality: str, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    """Detached unit embedding of the other modality: the fixed target when explaining ``modality``."""
+    return text_target(model, tokens) if modality == "image" else image_target(model, pixels)
 
 
 def cosine(emb: Tensor, unit_target: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clip_xai.explainers.base import cosine, image_target, text_target
+from clip_xai.explainers.base import cosine, other_target, tower_for
 from clip_xai.models.base import ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
@@ -62,14 +62,9 @@ class Side:
 
     def __init__(self, model: ClipAdapter, modality: str, pixels: Tensor, tokens: TextTokens):
         self.modality = modality
-        if modality == "image":
-            self.tower: Tower = model.vision
-            self.inputs = pixels
-            self.target = text_target(model, tokens)
-        else:
-            self.tower = model.text
-            self.inputs = tokens
-            self.target = image_target(model, pixels)
+        self.tower: Tower = tower_for(model, modality)
+        self.inputs = pixels if modality == "image" else tokens
+        self.target = other_target(model, modality, pixels, tokens)
         self.batch = self.target.shape[0]
 
     def hidden(self, before: int) -> tuple[Tensor, Tensor | None]:

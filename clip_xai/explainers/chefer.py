@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from clip_xai.explainers.attention import (
-    attention_and_grads, other_target, pooled_row, positive_grad_attention, side, tower_for,
-)
-from clip_xai.explainers.base import Explainer
+from clip_xai.explainers.attention import attention_and_grads, positive_grad_attention, side
+from clip_xai.explainers.base import Explainer, other_target, pooled_rows, tower_for
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -38,7 +36,7 @@ class Chefer(Explainer):
         block = s.tower.layer(self.layer)
         target = other_target(model, self.modality, pixels, tokens)
         (probs,), (grads,) = attention_and_grads(s, target, [block])
-        return s.to_map(pooled_row(positive_grad_attention(probs, grads), s.pool))
+        return s.to_map(pooled_rows(positive_grad_attention(probs, grads), s.pool))
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         return self._explain(model, pixels, tokens)

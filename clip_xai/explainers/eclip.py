@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.attention import minmax_masked, other_target, pooled_vector, side, similarity_from, tower_for
-from clip_xai.explainers.base import Explainer, grad
+from clip_xai.explainers.attention import minmax_masked, pooled_vector, side, similarity_from
+from clip_xai.explainers.base import Explainer, grad, other_target, tower_for
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 

@@ -26,10 +26,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from clip_xai.explainers.attention import (
-    attention_and_grads, blocks_from, game_relevance, other_target, pooled_row, positive_grad_attention, side,
-    tower_for,
+    attention_and_grads, blocks_from, game_relevance, positive_grad_attention, side,
 )
-from clip_xai.explainers.base import Explainer
+from clip_xai.explainers.base import Explainer, other_target, pooled_rows, tower_for
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -51,7 +50,7 @@ class GAME(Explainer):
         target = other_target(model, self.modality, pixels, tokens)
         probs, grads = attention_and_grads(s, target, blocks, scale=self.target_scale)
         cams = [positive_grad_attention(p, g) for p, g in zip(probs, grads)]
-        return s.to_map(pooled_row(game_relevance(cams), s.pool))
+        return s.to_map(pooled_rows(game_relevance(cams), s.pool))
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         return self._explain(model, pixels, tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clip_xai.explainers.base import Explainer, SampleRng
+from clip_xai.explainers.base import Explainer, SampleRng, tower_for
 from clip_xai.explainers.bottleneck import Repeated, Side, capacity, layout, repeat_rows, token_scores
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
@@ -52,11 +52,8 @@ class M2IB(Explainer):
         self.init = init
         self.lambda_override = lambda_override
 
-    def _tower(self, model: ClipAdapter):
-        return model.vision if self.modality == "image" else model.text
-
     def check_model(self, model: ClipAdapter) -> None:
-        self._tower(model).layer(self.layer)
+        tower_for(model, self.modality).layer(self.layer)
 
     def _setup(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens):
         side = Side(model, self.modality, pixels, tokens)

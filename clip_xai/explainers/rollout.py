@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from clip_xai.explainers.attention import attention_probs, blocks_from, pooled_row, rollout_joint, side, tower_for
-from clip_xai.explainers.base import Explainer
+from clip_xai.explainers.attention import attention_probs, blocks_from, rollout_joint, side
+from clip_xai.explainers.base import Explainer, pooled_rows, tower_for
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -32,7 +32,7 @@ class Rollout(Explainer):
     def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
         s = side(model, self.modality, pixels, tokens)
         probs = attention_probs(s, blocks_from(s.tower, self.start_layer))
-        return s.to_map(pooled_row(rollout_joint(probs), s.pool))
+        return s.to_map(pooled_rows(rollout_joint(probs), s.pool))
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         return self._explain(model, pixels, tokens)

@@ -37,6 +37,7 @@ from clip_xai.explainers.base import (
     pooled_rows,
     text_similarity,
     text_target,
+    tower_for,
     vision_similarity,
 )
 from clip_xai.models.base import ClipAdapter
@@ -122,7 +123,7 @@ class _GradientExplainer(Explainer):
 
     def check_model(self, model: ClipAdapter) -> None:
         if self.variant == "attention":
-            (model.vision if self.modality == "image" else model.text).layer(self.layer)
+            tower_for(model, self.modality).layer(self.layer)
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         return self._explain(model, pixels, tokens)
