@@ -126,15 +126,6 @@ def pixel_gradient(model: ClipAdapter, pixels: Tensor, target: Tensor) -> tuple[
     return g, s.detach()
 
 
-def text_similarity(model: ClipAdapter, tokens: TextTokens, target: Tensor, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
-    """Cosine(text, target) with the graph kept; gradients start at the token embeddings."""
-    with torch.enable_grad():
-        x, bias = model.text.embed(tokens)
-        x = x.detach().requires_grad_(True)
-        x, records = model.text.run(x, bias, **run_kwargs)
-        return cosine(model.text.pool(x, tokens), target), records
-
-
 def grad(output: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     """Per-sample gradients of a (B,) output (samples are independent, so sum is exact)."""
     return list(torch.autograd.grad(output.sum(), inputs))

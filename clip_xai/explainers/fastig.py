@@ -31,7 +31,7 @@ class FastIG(_GradientExplainer):
 
     def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
         if self.variant == "attention":
-            probs, g, index = attention_gradient(model, self.modality, pixels, tokens, self.layer)
-            return attention_map(model, self.modality, probs * g, index)
+            probs, g, s = attention_gradient(model, self.modality, pixels, tokens, self.layer)
+            return attention_map(s, probs * g)
         x, g = input_gradient(model, self.modality, pixels, tokens)
         return reduce_channels(x * g, self.reduce, self.modality)

@@ -28,17 +28,17 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.explainers.attention import Side, attention_and_grads, side
 from clip_xai.explainers.base import (
     Explainer,
     cosine,
     grad,
     image_target,
+    other_target,
     pixel_gradient,
     pooled_rows,
-    text_similarity,
     text_target,
     tower_for,
-    vision_similarity,
 )
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
@@ -86,27 +86,16 @@ def input_gradient(model: ClipAdapter, modality: str, pixels: Tensor, tokens: Te
 
 
 def attention_gradient(model: ClipAdapter, modality: str, pixels: Tensor, tokens: TextTokens,
-                       layer: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(A, ∂s/∂A, pooled index): attention probabilities (B, H, N, N) of block ``layer``."""
-    if modality == "image":
-        tower = model.vision
-        layer = tower.layer(layer)
-        s, records = vision_similarity(model, pixels, text_target(model, tokens), record=(layer,))
-        index = tower.pool_index(pixels)
-    else:
-        tower = model.text
-        layer = tower.layer(layer)
-        s, records = text_similarity(model, tokens, image_target(model, pixels), record=(layer,))
-        index = tokens.pool_index
-    probs = records[layer].probs
-    (g,) = grad(s, [probs])
-    return probs.detach(), g, index
+                       layer: int) -> tuple[Tensor, Tensor, Side]:
+    """(A, ∂s/∂A, side): attention probabilities (B, H, N, N) of block ``layer`` and their gradient."""
+    s = side(model, modality, pixels, tokens)
+    (probs,), (g,) = attention_and_grads(s, other_target(model, modality, pixels, tokens), [s.tower.layer(layer)])
+    return probs, g, s
 
 
-def attention_map(model: ClipAdapter, modality: str, scores: Tensor, index: Tensor) -> Tensor:
+def attention_map(s: Side, scores: Tensor) -> Tensor:
     """(B, H, N, N) per-head scores → pooled row, mean over heads → (B, h, w) or (B, L)."""
-    row = pooled_rows(scores, index.to(scores.device)).mean(1)
-    return model.patch_map(row) if modality == "image" else row
+    return s.to_map(pooled_rows(scores, s.pool).mean(1))
 
 
 class _GradientExplainer(Explainer):
@@ -144,7 +133,7 @@ class Saliency(_GradientExplainer):
 
     def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
         if self.variant == "attention":
-            _, g, index = attention_gradient(model, self.modality, pixels, tokens, self.layer)
-            return attention_map(model, self.modality, g.abs(), index)
+            _, g, s = attention_gradient(model, self.modality, pixels, tokens, self.layer)
+            return attention_map(s, g.abs())
         _, g = input_gradient(model, self.modality, pixels, tokens)
         return reduce_channels(g.abs(), self.reduce, self.modality)
