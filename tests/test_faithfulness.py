@@ -123,7 +123,7 @@ def test_text_protocol_mask_id_by_hand(tiny):
     tokens = tiny.tokenize(["a photo of a cat", "a dog"])
     # "a photo of a cat" = [320, 1125, 539, 320, 2368]; "a dog" = [320, 1929]
     scores = _scores(tokens, [[0.1, 0.9, 0.3, 0.5, 0.7], [0.2, 0.8]])
-    assert resolve_text_rule("auto", tiny, tokens) == "mask_id"
+    assert resolve_text_rule("auto", tiny) == "mask_id"
     keep = text_keep_mask(scores, tokens.content_mask, 50)  # medians 0.5 and 0.5
     base, masked = masked_text_tokens(tiny, tokens, keep, "mask_id")
     assert masked.ids.tolist() == [[0, 1125, 0, 0, 2368], [0, 1929, 0, 0, 0]]
@@ -151,7 +151,7 @@ def test_text_protocol_pad_attention_by_hand(tiny):
 
 def test_text_protocol_on_altclip_uses_pad_and_attention(altclip_tiny):
     tokens = altclip_tiny.tokenize(["a cat", "a red dog"])
-    assert resolve_text_rule("auto", altclip_tiny, tokens) == "pad_attention"
+    assert resolve_text_rule("auto", altclip_tiny) == "pad_attention"
     n = tokens.content_mask.sum(1).tolist()
     scores = _scores(tokens, [list(np.linspace(0, 1, k)) for k in n])
     keep = text_keep_mask(scores, tokens.content_mask, 50)

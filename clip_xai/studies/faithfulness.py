@@ -96,7 +96,7 @@ class FaithfulnessStudy(Study):
         m = ctx.metrics
         rule = getattr(m, "text_rule", None)
         if text is not None and rule is not None:
-            rule = resolve_text_rule(rule, ctx.model, ctx.model.tokenize(["a photo"]))
+            rule = resolve_text_rule(rule, ctx.model)
         return {"faithfulness": {
             "image_maps": image is not None, "text_maps": text is not None,
             "percentile": getattr(m, "percentile", None), "text_rule": rule,

@@ -92,7 +92,7 @@ def image_confidence(model, pixels: Tensor, maps: Tensor, text_emb: Tensor) -> T
 # --------------------------------------------------------------------------------------- text
 
 
-def resolve_text_rule(rule: str, model, tokens: TextTokens) -> str:
+def resolve_text_rule(rule: str, model) -> str:
     """``auto`` → ``mask_id`` or ``pad_attention`` for this model (see module docstring)."""
     if rule not in TEXT_RULES:
         from clip_xai.errors import ClipXaiError
@@ -158,7 +158,7 @@ def text_confidence(model, tokens: TextTokens, maps: Tensor, image_emb: Tensor, 
     ``maps`` (B,L) token scores (any monotone normalisation; only their order matters);
     ``image_emb`` unit f_I of the unmasked image.
     """
-    rule = resolve_text_rule(rule, model, tokens)
+    rule = resolve_text_rule(rule, model)
     keep = text_keep_mask(maps, tokens.content_mask, percentile)
     base, masked = masked_text_tokens(model, tokens, keep, rule)
     with torch.no_grad():
