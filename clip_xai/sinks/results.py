@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -16,10 +17,11 @@ import pandas as pd
 from clip_xai.schema import DONE_FILE, RESULTS_FILE, SUMMARY_FILE
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename (never a half-written file)."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then rename it over ``path``: readers (and
+    concurrent writers) only ever see a complete file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -41,9 +43,7 @@ class ResultsWriter:
             return
         new = pd.DataFrame(rows, columns=self.columns)
         self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: self.frame.to_parquet(tmp, index=False))
 
     def summary(self, metric_columns: list[str], extra: dict) -> dict:
         """Means over finite values plus honest counts (flagged maps, NaNs, skipped images)."""
@@ -67,7 +67,8 @@ class ResultsWriter:
 
     def finish(self, summary: dict) -> None:
         """Write summary.json, then the DONE marker (a run dir with DONE is complete)."""
-        atomic_write_bytes(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=_json_default).encode())
+        text = json.dumps(summary, indent=2, default=_json_default)
+        atomic_write(self.run_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
         (self.run_dir / DONE_FILE).write_text("ok\n")
 
 

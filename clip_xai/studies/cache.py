@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from clip_xai.sinks.results import atomic_write
 
 # Dataset settings that select or order samples but do not change any sample's pixels.
 _NOT_AFFECTING = ("limit", "subset_seed", "on_bad_image", "name")
@@ -46,9 +47,7 @@ class CleanMapCache:
         self.misses += len(paths)
         for p, m in zip(paths, maps.detach().float().cpu()):
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-            torch.save(m.clone(), tmp)
-            os.replace(tmp, p)
+            atomic_write(p, lambda tmp, m=m: torch.save(m.clone(), tmp))
         return maps
 
 
