@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_xai.config import build, pick_device, register_resolvers
+from clip_xai.config import build, check_precision, pick_device, register_resolvers
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import CONFIG_FILE
 
@@ -39,6 +39,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     }, indent=2))
     torch.manual_seed(cfg.seed)
     device = pick_device(str(cfg.device), job_num)
+    check_precision(device, str(cfg.precision))
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
     perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None

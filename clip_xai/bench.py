@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clip_xai.config import build, pick_device
+from clip_xai.config import build, pick_device, precision_scope
 from clip_xai.errors import ClipXaiError
 
 THESIS_METHODS = ["gradcam", "game", "eclip", "selfattn", "rollout", "surgery", "rise", "m2ib", "maskclip"]
@@ -60,17 +60,25 @@ def _inputs(model, batch: int, device: torch.device):
     return b.pixels.to(device), model.tokenize(b.captions), torch.arange(batch)
 
 
-def measure(model, fn_factory, batch: int, device: torch.device, repeats: int) -> tuple[float | None, int]:
-    """Images/s of ``fn_factory(pixels, tokens, seeds)`` at ``batch``, halving on OOM; (rate, batch used)."""
+def measure(model, fn_factory, batch: int, device: torch.device, repeats: int,
+            precision: str = "fp32") -> tuple[float | None, int, float | None]:
+    """Images/s of ``fn_factory(pixels, tokens, seeds)`` at ``batch``, halving on OOM.
+
+    Returns (rate, batch used, peak device memory in GiB, or None on CPU).
+    """
     while batch >= 1:
         try:
             px, tok, seeds = _inputs(model, batch, device)
-            sec = _time(fn_factory(px, tok, seeds), device, repeats)
-            return batch / sec, batch
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with precision_scope(device, precision):
+                sec = _time(fn_factory(px, tok, seeds), device, repeats)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            return batch / sec, batch, peak
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             batch //= 2
-    return None, 0
+    return None, 0, None
 
 
 def compose(overrides: list[str]):
@@ -85,29 +93,49 @@ def compose(overrides: list[str]):
         return hcompose(config_name="config", overrides=overrides)
 
 
+def _explainer_cfg(overrides: list[str], name: str, per_explainer: list[str]):
+    """Config for explainer ``name``; ``explainer.KEY=VALUE`` overrides apply where it has KEY."""
+    from omegaconf import OmegaConf
+
+    base = overrides + [f"explainer={name}"]
+    plain = compose(base)
+    own = [o for o in per_explainer if OmegaConf.select(plain, o.split("=", 1)[0].lstrip("+~")) is not None]
+    return compose(base + own) if own else plain
+
+
 def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], explainers: list[str],
-              repeats: int, out: Path, random_weights: bool = True) -> pd.DataFrame:
+              repeats: int, out: Path, random_weights: bool = True, precision: str = "fp32",
+              extra: list[str] | None = None) -> pd.DataFrame:
+    """Measure every explainer (and the FGSM step) at each batch size; write bench.csv/bench.md.
+
+    ``extra`` are Hydra overrides for every config; ``explainer.KEY=VALUE`` applies to the explainers
+    that have KEY (e.g. ``explainer.chunk=500`` only to RISE).
+    """
     device = pick_device(device_spec)
     model_name = model_name or ("vit_b16" if device.type == "cuda" else "tiny")
-    overrides = [f"model={model_name}"]
+    extra = list(extra or [])
+    per_explainer = [o for o in extra if o.lstrip("+~").startswith("explainer.")]
+    overrides = [f"model={model_name}", *(o for o in extra if o not in per_explainer)]
     if random_weights and model_name != "tiny":
         overrides.append("model.pretrained=null" if model_name != "altclip" else "model.pretrained=false")
     cfg = compose(overrides)
     model = build(cfg, "model").to(device)
     rows = []
-    fgsm = build(compose(overrides + ["perturbation=fgsm"]), "perturbation")
-    for bs in batch_sizes:
-        rate, used = measure(model, lambda px, tok, s: (lambda: fgsm(model, px, tok)), bs, device, repeats)
-        rows.append({"explainer": "fgsm (perturbation)", "batch": used, "images_per_s": rate})
-    for name in explainers:
-        explainer = build(compose(overrides + [f"explainer={name}"]), "explainer")
+    jobs = [("fgsm (perturbation)", build(compose(overrides + ["perturbation=fgsm"]), "perturbation"), True)]
+    jobs += [(name, build(_explainer_cfg(overrides, name, per_explainer), "explainer"), False) for name in explainers]
+    for name, fn, is_step in jobs:
         for bs in batch_sizes:
-            rate, used = measure(model, lambda px, tok, s, e=explainer: (lambda: e(model, px, tok, s)), bs, device, repeats)
-            rows.append({"explainer": name, "batch": used, "images_per_s": rate})
-            print(f"  {name:<10} batch {used:>3}: {rate:9.2f} images/s", flush=True)
+            factory = (lambda px, tok, s, f=fn: (lambda: f(model, px, tok))) if is_step else \
+                      (lambda px, tok, s, f=fn: (lambda: f(model, px, tok, s)))
+            rate, used, peak = measure(model, factory, bs, device, repeats, precision)
+            rows.append({"explainer": name, "batch": used, "images_per_s": rate, "peak_gib": peak})
+            print(f"  {name:<20} batch {used:>3}: " + (f"{rate:9.2f} images/s" if rate else "out of memory"), flush=True)
     df = pd.DataFrame(rows)
     df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)")
     df.insert(1, "model", model_name + (" (random weights)" if random_weights else ""))
+    df.insert(2, "precision", precision)
+    if device.type != "cuda":
+        df = df.drop(columns="peak_gib")
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench.csv", index=False)
     best = df.groupby("explainer")["images_per_s"].max()
@@ -129,13 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explainers", nargs="+", default=None, help="default: every conf/explainer/*.yaml")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pretrained", action="store_true", help="load the model's real weights instead of random ones")
+    p.add_argument("--precision", default="fp32", help="fp32 | tf32 | bf16 | fp16 (as the precision= config key)")
+    p.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra overrides for every config, e.g. explainer.chunk=500")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"))
     a = p.parse_args(argv)
     from clip_xai.__main__ import CONF_DIR
 
     names = a.explainers or sorted(f.stem for f in (Path(CONF_DIR) / "explainer").glob("*.yaml"))
     try:
-        run_bench(a.model, a.device, a.batch_sizes, names, a.repeats, a.out, random_weights=not a.pretrained)
+        run_bench(a.model, a.device, a.batch_sizes, names, a.repeats, a.out, random_weights=not a.pretrained,
+                  precision=a.precision, extra=a.extra)
     except ClipXaiError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -1,6 +1,7 @@
 """Config → objects: Hydra instantiation with metadata keys stripped, resolvers, device choice."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -58,19 +59,35 @@ def pick_device(spec: str, job_num: int | None = None) -> torch.device:
         raise ClipXaiError(f"device={spec!r} is not a device name", "use device=auto, cpu, cuda or cuda:N") from err
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str):
-    """Autocast context for model forwards (fp32 = no autocast)."""
+def check_precision(device: torch.device, precision: str) -> None:
+    """One clear error for a precision that is unknown or that this device cannot run."""
     if precision not in PRECISIONS:
-        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, bf16 or fp16")
+        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, tf32, bf16 or fp16")
+    if precision in ("fp16", "tf32") and device.type != "cuda":
+        raise ClipXaiError(f"precision={precision} needs a CUDA device", "use precision=fp32 or bf16 on CPU")
+
+
+@contextlib.contextmanager
+def precision_scope(device: torch.device, precision: str):
+    """Numerics for model forwards and backwards.
+
+    fp32: strict float32 (TF32 tensor-core maths off for matmuls and cuDNN convs, although PyTorch
+    allows it for convs by default). tf32: float32 tensors, matmuls/convs on TF32 tensor cores
+    (10-bit mantissa inputs, float32 accumulation). bf16/fp16: autocast, float32 outside it.
+    """
+    check_precision(device, precision)
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    if dtype is torch.float16 and device.type == "cpu":
-        raise ClipXaiError("precision=fp16 is not supported on CPU", "use precision=bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

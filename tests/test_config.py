@@ -81,3 +81,20 @@ def test_corrupt_image_error_and_skip(tmp_path):
         _run(tmp_path, ["dataset=cc", f"dataset.root={root}/list.csv", "dataset.on_bad_image=error"])
     summary = _run(tmp_path / "skip", ["dataset=cc", f"dataset.root={root}/list.csv", "explainer=selfattn"])
     assert summary["counts"]["bad_images"] == 1 and summary["counts"]["rows"] == 2
+
+
+def test_precision_checks_and_scope_restores_flags():
+    import torch
+
+    from clip_xai.config import check_precision, precision_scope
+
+    cpu = torch.device("cpu")
+    for bad, msg in (("fp8", "not known"), ("tf32", "needs a CUDA"), ("fp16", "needs a CUDA")):
+        with pytest.raises(ClipXaiError, match=msg):
+            check_precision(cpu, bad)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with precision_scope(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with precision_scope(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags

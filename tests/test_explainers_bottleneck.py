@@ -100,6 +100,7 @@ def test_abm_zero_steps_is_the_no_bottleneck_map(tiny, batch_for):
 def test_abm_deterministic_and_batch_independent(tiny, batch_for):
     pixels, tokens, seeds = batch_for(tiny)
     abm = ABM(steps=3, noise_samples=2)
+    abm.cpu_micro_batch = None  # the real batched path
     both = abm(tiny, pixels, tokens, seeds)
     assert both.shape == (2, *tiny.grid) and torch.isfinite(both).all()
     assert torch.equal(both, abm(tiny, pixels, tokens, seeds))
@@ -160,8 +161,19 @@ def test_m2ib_shapes_and_determinism(model, batch_for, modality):
 def test_m2ib_batch_independent_and_training_changes_map(tiny, batch_for):
     pixels, tokens, seeds = batch_for(tiny)
     m2ib = M2IB(steps=2, copies=2)
+    m2ib.cpu_micro_batch = None  # the real batched path
     both = m2ib(tiny, pixels, tokens, seeds)
     singles = torch.cat([m2ib(tiny, pixels[i : i + 1], tokens.index(slice(i, i + 1)), seeds[i : i + 1]) for i in range(2)])
     assert torch.allclose(both, singles, rtol=1e-4, atol=1e-4)
     untrained = M2IB(steps=0)(tiny, pixels, tokens, seeds)
     assert not torch.allclose(both, untrained)
+
+
+@pytest.mark.parametrize("make", [lambda: M2IB(steps=2, copies=2), lambda: ABM(steps=2, noise_samples=2)])
+def test_cpu_micro_batches_give_the_whole_batch_maps(tiny, batch_for, make):
+    pixels, tokens, seeds = batch_for(tiny, 4)
+    explainer = make()
+    explainer.cpu_micro_batch = None
+    whole = explainer(tiny, pixels, tokens, seeds)
+    explainer.cpu_micro_batch = 3  # split 3 + 1
+    assert torch.allclose(explainer(tiny, pixels, tokens, seeds), whole, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.maskclip import MaskCLIP
 from clip_xai.explainers.rise import RISE, interp_matrix
 from clip_xai.explainers.surgery import TEMPLATES, CLIPSurgery, surgery_tokens
@@ -146,8 +147,6 @@ def test_surgery_class_set_matches_feature_surgery(tiny, batch_for):
 
 
 def test_surgery_rejects_bad_settings(tiny):
-    from clip_xai.errors import ClipXaiError
-
     with pytest.raises(ClipXaiError):
         CLIPSurgery(redundant="nope")
     with pytest.raises(ClipXaiError):
@@ -251,3 +250,14 @@ def test_rise_text_hand_worked(tiny, monkeypatch):
     content = tokens.content_mask[0]
     assert sal[~content].abs().max() == 0
     assert sal[content].argmax().item() == 0  # position 1 is the first content token
+
+
+def test_rise_chunk_auto_per_device_and_bad_chunk():
+    rise = RISE()
+    assert rise.chunk == "auto"
+    assert rise.per_pass(1, torch.device("cpu")) == 16 and rise.per_pass(4, torch.device("cpu")) == 4
+    assert rise.per_pass(1, torch.device("cuda")) == 1000 and rise.per_pass(64, torch.device("cuda")) == 15
+    assert RISE(chunk=5).per_pass(16, torch.device("cpu")) == 1  # at least one mask per pass
+    for bad in (0, -3, "big"):
+        with pytest.raises(ClipXaiError, match="chunk"):
+            RISE(chunk=bad)

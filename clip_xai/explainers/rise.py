@@ -31,7 +31,9 @@ Choices, all documented deviations or reference reproductions:
   ``μ = model.vision.mean`` (0.5 grey if the tower has no ``mean`` buffer). This is exactly the
   reference's operation.
 * **Batching.** Samples and masks are batched together: each forward sees about ``chunk`` masked
-  images (``chunk // B`` masks for each of the B samples), so memory does not grow with B.
+  images or captions (``chunk // B`` masks for each of the B samples), so memory does not grow
+  with B. ``chunk: auto`` is 16 on a CPU (measured on 2 cores: 16 images per pass ran 2x faster
+  than 100, whose activations leave the cache) and 1000 on CUDA (H100 ViT-B/16: see README).
 
 Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
 ``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
@@ -144,22 +146,30 @@ class RISE(Explainer):
     modalities = frozenset({"image", "text"})
 
     def __init__(self, name: str = "rise", modality: str = "image", n_masks: int = 2000, s: int = 8,
-                 p1: float = 0.5, chunk: int = 100, mask_seed: int | None = 0, n_masks_text: int = 200,
+                 p1: float = 0.5, chunk: int | str = "auto", mask_seed: int | None = 0, n_masks_text: int = 200,
                  s_text: int = 8, p1_text: float = 0.5):
         super().__init__(name, modality)
-        for key, val in (("n_masks", n_masks), ("s", s), ("chunk", chunk), ("n_masks_text", n_masks_text),
-                         ("s_text", s_text)):
+        if chunk != "auto" and (not str(chunk).isdigit() or int(chunk) < 1):
+            raise ClipXaiError(f"rise chunk={chunk} must be a positive integer or auto", "set explainer.chunk=auto")
+        for key, val in (("n_masks", n_masks), ("s", s), ("n_masks_text", n_masks_text), ("s_text", s_text)):
             if int(val) < 1:
                 raise ClipXaiError(f"rise {key}={val} must be a positive integer", f"set explainer.{key}>=1")
         for key, val in (("p1", p1), ("p1_text", p1_text)):
             if not 0.0 < float(val) <= 1.0:
                 raise ClipXaiError(f"rise {key}={val} must be in (0, 1]", f"set explainer.{key} to e.g. 0.5")
         self.n_masks, self.s, self.p1 = int(n_masks), int(s), float(p1)
-        self.chunk = int(chunk)
+        self.chunk = chunk if chunk == "auto" else int(chunk)
         self.mask_seed = None if mask_seed is None else int(mask_seed)
         self.n_masks_text, self.s_text, self.p1_text = int(n_masks_text), int(s_text), float(p1_text)
         self._image_masks: dict[tuple, RiseMasks] = {}
         self._text_masks: dict[tuple, RiseTextMasks] = {}
+
+    AUTO_CHUNK = {"cpu": 16, "cuda": 1000}
+
+    def per_pass(self, batch: int, device: torch.device) -> int:
+        """Masks per forward pass for each of ``batch`` samples (about ``chunk`` inputs in all)."""
+        chunk = self.AUTO_CHUNK.get(torch.device(device).type, 100) if self.chunk == "auto" else self.chunk
+        return max(1, chunk // batch)
 
     # --- masks ---------------------------------------------------------------------------------
 
@@ -203,7 +213,7 @@ class RISE(Explainer):
         mean = model.vision.mean.to(dtype=pixels.dtype)[:, None]  # (1,1,3,1,1): 0 after normalisation
         x = pixels[:, None]  # (B,1,3,H,W)
         sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
-        per_pass = max(1, self.chunk // pixels.shape[0])  # masks per pass: B·per_pass ≈ chunk images
+        per_pass = self.per_pass(pixels.shape[0], pixels.device)
         with torch.no_grad():
             for start in range(0, masks.n, per_pass):
                 m = masks.chunk(start, min(start + per_pass, masks.n))  # (k,H,W)
@@ -239,9 +249,10 @@ class RISE(Explainer):
             if pos.numel():
                 full[i][:, pos] = masks.for_length(pos.numel())
         sal = torch.zeros(b, length, device=device)
+        per_pass = self.per_pass(b, device)
         with torch.no_grad():
-            for start in range(0, masks.n, self.chunk):
-                mult = full[:, start : start + self.chunk]  # (B,k,L)
+            for start in range(0, masks.n, per_pass):
+                mult = full[:, start : start + per_pass]  # (B,k,L)
                 scores = self._text_scores(model, tokens, mult, target)  # (B,k)
                 sal += torch.einsum("bk,bkl->bl", scores, mult)
         sal = sal / (masks.n * masks.p1)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from clip_xai.config import autocast, sample_seed
+from clip_xai.config import precision_scope, sample_seed
 from clip_xai.data import make_loader
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import EXAMPLES_FILE
@@ -158,7 +158,7 @@ class Study:
     def _process_with_backoff(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         """Process a batch; on device out-of-memory, split it in halves and retry (warned, counted)."""
         try:
-            with autocast(ctx.device, ctx.precision):
+            with precision_scope(ctx.device, ctx.precision):
                 return self.process(ctx, prep)
         except torch.OutOfMemoryError:
             n = len(prep.batch)
