@@ -30,6 +30,8 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.base import RunContext
     from clip_xai.studies.cache import cache_for
 
+    device = pick_device(str(cfg.device), job_num)
+    check_precision(device, str(cfg.precision))  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -38,8 +40,6 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
         "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }, indent=2))
     torch.manual_seed(cfg.seed)
-    device = pick_device(str(cfg.device), job_num)
-    check_precision(device, str(cfg.precision))
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
     perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None

@@ -117,6 +117,13 @@ def test_bad_eps_is_one_clear_error_and_writes_nothing(tmp_path):
     assert not list(tmp_path.rglob("results.parquet"))
 
 
+def test_cuda_only_precision_on_cpu_is_one_clear_error(tmp_path):
+    res = run_cli(["model=tiny", "precision=tf32", "device=cpu", "logger=none", f"output_root={tmp_path}"])
+    assert res.returncode == 2
+    assert "precision=tf32 needs a CUDA device" in res.stderr and "fix:" in res.stderr
+    assert "Traceback" not in res.stderr and not list(tmp_path.rglob("environment.json"))
+
+
 def test_offline_pretrained_model_stops_at_once(tmp_path):
     start = time.time()
     res = run_cli(["model=vit_b16", "logger=none", f"output_root={tmp_path}"])
