@@ -32,8 +32,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -m "not slow"
 
+# e.g. make bench BENCH_ARGS="--precision bf16 --batch-sizes 1 16 64"
 bench: $(STAMP)
-	$(BIN)/python -m clip_xai.bench
+	$(BIN)/python -m clip_xai.bench $(BENCH_ARGS)
 
 report: $(STAMP)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)

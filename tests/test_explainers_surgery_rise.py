@@ -54,18 +54,23 @@ def test_contract(model, batch_for, case):
     assert torch.equal(again, singles[:1])
 
 
+def last_block(model, pixels):
+    """(vision tower, last block index, its BlockOps, its BlockRecord for ``pixels``)."""
+    tower = model.vision
+    last = tower.n_layers - 1
+    with torch.no_grad():
+        _, recs = tower(pixels, record=(last,))
+    return tower, last, tower.blocks[last], recs[last]
+
+
 # --- MaskCLIP ---------------------------------------------------------------------------------
 
 
 def test_maskclip_matches_recomputation(model, batch_for):
     pixels, tokens, seeds = batch_for(model, 2)
     out = MaskCLIP()(model, pixels, tokens, seeds)
-    tower = model.vision
-    last = tower.n_layers - 1
-    block = tower.blocks[last]
+    tower, last, block, rec = last_block(model, pixels)
     with torch.no_grad():
-        _, recs = tower(pixels, record=(last,))
-        rec = recs[last]
         b, h, n, dh = rec.v.shape
         v = rec.v.permute(0, 2, 1, 3).reshape(b, n, h * dh)
         k = rec.k.permute(0, 2, 1, 3).reshape(b, n, h * dh)
@@ -101,12 +106,8 @@ def test_surgery_zero_layers_is_plain_forward(model, batch_for):
 def test_surgery_one_layer_matches_records(model, batch_for):
     """With surgery on the last block only, the v-v path is x_in + out_proj(softmax(v vᵀ/√d) v)."""
     pixels, _, _ = batch_for(model, 2)
-    tower = model.vision
-    last = tower.n_layers - 1
-    block = tower.blocks[last]
+    tower, _, block, rec = last_block(model, pixels)
     with torch.no_grad():
-        _, recs = tower(pixels, record=(last,))
-        rec = recs[last]
         ctx, _ = attend(rec.v, rec.v, rec.v, None)
         x_new = rec.x_in + block.out_proj(merge_heads(ctx))
         x_new[:, 0] = rec.x_out[:, 0]  # CLS from the original path
