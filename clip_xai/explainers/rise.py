@@ -32,8 +32,8 @@ Choices, all documented deviations or reference reproductions:
   reference's operation.
 * **Batching.** Samples and masks are batched together: each forward sees about ``chunk`` masked
   images or captions (``chunk // B`` masks for each of the B samples), so memory does not grow
-  with B. ``chunk: auto`` is 16 on a CPU (measured on 2 cores: 16 images per pass ran 2x faster
-  than 100, whose activations leave the cache) and 1000 on CUDA (H100 ViT-B/16: see README).
+  with B. ``chunk: auto`` is 16 on a CPU (measured on 2 cores: 16 images per pass ran 1.4-2x
+  faster than 100, whose activations leave the cache) and 1000 on CUDA (H100 ViT-B/16: see README).
 
 Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
 ``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
