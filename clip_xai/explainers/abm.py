@@ -62,7 +62,7 @@ class ABM(Explainer):
     def check_model(self, model: ClipAdapter) -> None:
         tower_for(model, self.modality).layer(self.target_layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         side = Side(model, self.modality, pixels, tokens)
         layer = side.tower.layer(self.target_layer)
         z, bias = side.hidden(layer)
@@ -95,9 +95,3 @@ class ABM(Explainer):
         if path is not None:
             self.debug = {"z": z, "path": path}
         return layout(model, self.modality, token_scores(cap))
-
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens, seeds)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens, seeds)

@@ -6,7 +6,7 @@ work in pixel space (RISE, Surgery, Saliency, ...); text maps come back as per-t
 shared in :mod:`clip_xai.explainers.postprocess`, never done per method.
 
 A new method is one subclass + one yaml under ``conf/explainer/``: set ``modalities`` and
-implement ``explain_image`` and/or ``explain_text``.
+implement ``explain_image`` and/or ``explain_text``, or ``explain`` when one body serves both.
 """
 from __future__ import annotations
 
@@ -68,13 +68,18 @@ class Explainer:
     def __call__(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
         if seeds is None:
             seeds = torch.zeros(pixels.shape[0], dtype=torch.long)
-        fn = self.explain_image if self.modality == "image" else self.explain_text
         n = pixels.shape[0]
         step = self.cpu_micro_batch if pixels.device.type == "cpu" and self.cpu_micro_batch else n
         if n <= step:
-            return fn(model, pixels, tokens, seeds).detach()
-        return torch.cat([fn(model, pixels[i : i + step], tokens.index(slice(i, i + step)), seeds[i : i + step]).detach()
-                          for i in range(0, n, step)])
+            return self.explain(model, pixels, tokens, seeds).detach()
+        return torch.cat([self.explain(model, pixels[i : i + step], tokens.index(slice(i, i + step)),
+                                       seeds[i : i + step]).detach() for i in range(0, n, step)])
+
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        """The map of ``self.modality``. Methods whose code is the same for both modalities (it reads
+        ``self.modality``) override this; the others implement ``explain_image``/``explain_text``."""
+        fn = self.explain_image if self.modality == "image" else self.explain_text
+        return fn(model, pixels, tokens, seeds)
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         raise NotImplementedError

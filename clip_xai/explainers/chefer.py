@@ -31,15 +31,9 @@ class Chefer(Explainer):
     def check_model(self, model: ClipAdapter) -> None:
         tower_for(model, self.modality).layer(self.layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         s = side(model, self.modality, pixels, tokens)
         block = s.tower.layer(self.layer)
         target = other_target(model, self.modality, pixels, tokens)
         (probs,), (grads,) = attention_and_grads(s, target, [block])
         return s.to_map(pooled_rows(positive_grad_attention(probs, grads), s.pool))
-
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)

@@ -29,7 +29,7 @@ class FastIG(_GradientExplainer):
                  reduce: str = "mean", layer: int = -1):
         super().__init__(name, modality, variant, reduce, layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         if self.variant == "attention":
             probs, g, s = attention_gradient(model, self.modality, pixels, tokens, self.layer)
             return attention_map(s, probs * g)

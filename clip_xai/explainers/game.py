@@ -44,16 +44,10 @@ class GAME(Explainer):
     def check_model(self, model: ClipAdapter) -> None:
         tower_for(model, self.modality).layer(self.start_layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         s = side(model, self.modality, pixels, tokens)
         blocks = blocks_from(s.tower, self.start_layer)
         target = other_target(model, self.modality, pixels, tokens)
         probs, grads = attention_and_grads(s, target, blocks, scale=self.target_scale)
         cams = [positive_grad_attention(p, g) for p, g in zip(probs, grads)]
         return s.to_map(pooled_rows(game_relevance(cams), s.pool))
-
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)

@@ -83,7 +83,7 @@ class M2IB(Explainer):
             emb = torch.nn.functional.normalize(side.tower.pool(out, rep.inputs), dim=-1)
         return emb.view(b, self.copies, -1)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         side, start, h, rep = self._setup(model, pixels, tokens)
         rng = SampleRng(seeds, h.device)
         if self.lambda_override is not None:
@@ -105,9 +105,3 @@ class M2IB(Explainer):
             lam = torch.sigmoid(alpha.detach())
             cap = capacity(lam * h, (1 - lam) ** 2)
         return layout(model, self.modality, token_scores(cap.detach()))
-
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens, seeds)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens, seeds)

@@ -68,7 +68,7 @@ class MFABA(_GradientExplainer):
         update = self.update if self.update is not None else ("l2" if pixel_space else "sign")
         return alpha, update
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         if self.modality == "image" and self.variant == "pixel":
             target = text_target(model, tokens)
             attr = self._path(pixels, lambda x: pixel_gradient(model, x, target)[0], *self._settings(True), clip=True)

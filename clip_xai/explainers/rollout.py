@@ -29,13 +29,7 @@ class Rollout(Explainer):
     def check_model(self, model: ClipAdapter) -> None:
         tower_for(model, self.modality).layer(self.start_layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         s = side(model, self.modality, pixels, tokens)
         probs = attention_probs(s, blocks_from(s.tower, self.start_layer))
         return s.to_map(pooled_rows(rollout_joint(probs), s.pool))
-
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)

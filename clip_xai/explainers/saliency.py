@@ -114,12 +114,6 @@ class _GradientExplainer(Explainer):
         if self.variant == "attention":
             tower_for(model, self.modality).layer(self.layer)
 
-    def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)
-
-    def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
-        return self._explain(model, pixels, tokens)
-
 
 class Saliency(_GradientExplainer):
     """Vanilla gradient. ``pixel``: |∂s/∂x| reduced over channels (default ``mean``; Simonyan et
@@ -131,7 +125,7 @@ class Saliency(_GradientExplainer):
                  reduce: str = "mean", layer: int = -1):
         super().__init__(name, modality, variant, reduce, layer)
 
-    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens) -> Tensor:
+    def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         if self.variant == "attention":
             _, g, s = attention_gradient(model, self.modality, pixels, tokens, self.layer)
             return attention_map(s, g.abs())
