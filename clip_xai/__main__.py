@@ -58,7 +58,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                      metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
                      num_workers=_workers(cfg.num_workers, device), precision=str(cfg.precision),
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
-                     cache=cache_for(cfg, explainer, study.name))
+                     cache=cache_for(cfg, device, study.name))
     try:
         summary = study.run(ctx)
     finally:

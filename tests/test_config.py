@@ -98,3 +98,14 @@ def test_precision_checks_and_scope_restores_flags():
     with precision_scope(cpu, "fp32"):
         assert not torch.is_autocast_enabled("cpu")
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_clean_map_cache_key_separates_what_changes_a_map():
+    from clip_xai.studies.cache import cache_key
+
+    base = compose_cfg(["model=tiny", "explainer=rise"])
+    key = cache_key(base, "cpu")
+    assert key == cache_key(compose_cfg(["model=tiny", "explainer=rise", "dataset.limit=3"]), "cpu")
+    assert key != cache_key(base, "cuda")  # RISE masks come from per-device generators
+    for override in ("precision=bf16", "seed=1", "explainer.n_masks=10"):
+        assert key != cache_key(compose_cfg(["model=tiny", "explainer=rise", override]), "cpu"), override

@@ -51,20 +51,23 @@ class CleanMapCache:
         return maps
 
 
-def cache_key(cfg: DictConfig) -> str:
-    """Hash of the resolved model, explainer, dataset (pixel-affecting part), seed and precision."""
+def cache_key(cfg: DictConfig, device_type: str) -> str:
+    """Hash of the resolved model, explainer, dataset (pixel-affecting part), seed, precision and
+    device type: seeded noise (RISE masks, bottleneck noise) is drawn from per-device generators,
+    so a CPU clean map must never be paired with a CUDA perturbed map."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in _NOT_AFFECTING}
     parts = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "explainer": OmegaConf.to_container(cfg.explainer, resolve=True),
         "dataset": dataset, "dataset_name": cfg.dataset.name,
-        "seed": int(cfg.seed), "precision": str(cfg.precision),
+        "seed": int(cfg.seed), "precision": str(cfg.precision), "device": device_type,
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cache_for(cfg: DictConfig, explainer, study: str) -> CleanMapCache | None:
+def cache_for(cfg: DictConfig, device: torch.device, study: str) -> CleanMapCache | None:
     """The cache for this job, or None when disabled or useless (faithfulness computes one map)."""
     if not cfg.get("cache", True) or study != "sensitivity":
         return None
-    return CleanMapCache(Path(cfg.output_root) / ".cache" / f"{cfg.explainer.name}-{cache_key(cfg)}")
+    key = cache_key(cfg, torch.device(device).type)
+    return CleanMapCache(Path(cfg.output_root) / ".cache" / f"{cfg.explainer.name}-{key}")
