@@ -47,6 +47,10 @@ class RunContext:
     cache: object | None = None
     sink: object | None = None
     stats: dict = field(default_factory=lambda: {"oom_splits": 0})
+    examples_left: int = field(init=False)  # examples.npz slots still open; studies skip the rest
+
+    def __post_init__(self):
+        self.examples_left = self.save_examples
 
 
 @dataclass
@@ -85,7 +89,8 @@ class Study:
         ctx.explainer.check_model(ctx.model)
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
-        """Rows for one batch plus example arrays (name → (B, ...) numpy) for examples.npz."""
+        """Rows for one batch plus example arrays (name → (k, ...) numpy) for examples.npz, for the
+        first ``k = ctx.examples_left`` samples only (none once the file's slots are filled)."""
         raise NotImplementedError
 
     def empty_row(self, ctx: RunContext, sample_id: str, caption: str, label: int, flag: str) -> dict:
@@ -118,6 +123,7 @@ class Study:
                 new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
                 rows += new_rows
                 self._collect_examples(examples, ex, ctx.save_examples)
+                ctx.examples_left = ctx.save_examples - sum(len(v) for v in examples.get("sample_id", []))
             writer.append(rows)
             progress.update(len(batch) + len(skipped))
         progress.close()

@@ -83,12 +83,13 @@ class FaithfulnessStudy(Study):
              "label": labels[i], **{k: v[i] for k, v in cols.items()}, "map_flag": flags[i]}
             for i, (sid, cap) in enumerate(zip(b.sample_ids, b.captions))
         ]
-        examples = {}
-        if img is not None:
-            examples = {
-                "sample_id": np.array(b.sample_ids), "caption": np.array(b.captions),
-                "image": to_uint8_images(prep.pixels), "map_clean": img.half().cpu().numpy(),
-            }
+        k = ctx.examples_left
+        if img is None or k <= 0:
+            return rows, {}
+        examples = {
+            "sample_id": np.array(b.sample_ids[:k]), "caption": np.array(b.captions[:k]),
+            "image": to_uint8_images(prep.pixels[:k]), "map_clean": img[:k].half().cpu().numpy(),
+        }
         return rows, examples
 
     def extra_summary(self, ctx: RunContext) -> dict:
