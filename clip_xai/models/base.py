@@ -240,10 +240,6 @@ class ClipAdapter(nn.Module):
         """Unit-norm text embeddings (B,E)."""
         return F.normalize(self.text(tokens, **run_kwargs)[0], dim=-1)
 
-    def similarity(self, pixels: Tensor, tokens: TextTokens) -> Tensor:
-        """Cosine similarity (B,) of each image with its own caption (no logit scale)."""
-        return (self.encode_image(pixels) * self.encode_text(tokens)).sum(-1)
-
     def patch_map(self, token_scores: Tensor) -> Tensor:
         """(B, n_prefix + h·w) per-token scores → (B, h, w) patch grid (prefix tokens dropped)."""
         h, w = self.grid

@@ -43,9 +43,10 @@ class SensitivityStudy(Study):
         clean_raw = self.clean_maps(ctx, prep)
         pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens)
         pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
-        with torch.no_grad():
-            s_orig = model.similarity(prep.pixels, prep.tokens).float()
-            s_pert = model.similarity(pert_pixels, prep.tokens).float()
+        with torch.no_grad():  # one text forward, one image forward for clean and perturbed
+            text = model.encode_text(prep.tokens).float()
+            image = model.encode_image(torch.cat([prep.pixels, pert_pixels])).float()
+            s_orig, s_pert = (image * text.repeat(2, 1)).sum(-1).chunk(2)
         size = tuple(prep.pixels.shape[-2:])
         clean, pert = image_maps(clean_raw.float(), size), image_maps(pert_raw.float(), size)
         scores = ctx.metrics(clean, pert, s_orig, s_pert)
@@ -60,10 +61,13 @@ class SensitivityStudy(Study):
              **{k: v[i] for k, v in cols.items()}, "map_flag": flags[i]}
             for i, (sid, cap) in enumerate(zip(b.sample_ids, b.captions))
         ]
+        k = ctx.examples_left
+        if k <= 0:
+            return rows, {}
         examples = {
-            "sample_id": np.array(b.sample_ids), "caption": np.array(b.captions),
-            "image": to_uint8_images(prep.pixels), "image_pert": to_uint8_images(pert_pixels),
-            "map_clean": clean.half().cpu().numpy(), "map_pert": pert.half().cpu().numpy(),
-            "eps": np.full(len(b), ctx.perturbation.eps),
+            "sample_id": np.array(b.sample_ids[:k]), "caption": np.array(b.captions[:k]),
+            "image": to_uint8_images(prep.pixels[:k]), "image_pert": to_uint8_images(pert_pixels[:k]),
+            "map_clean": clean[:k].half().cpu().numpy(), "map_pert": pert[:k].half().cpu().numpy(),
+            "eps": np.full(min(k, len(b)), ctx.perturbation.eps),
         }
         return rows, examples
