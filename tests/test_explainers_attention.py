@@ -18,6 +18,7 @@ from clip_xai.explainers.eclip import GradECLIP
 from clip_xai.explainers.game import GAME
 from clip_xai.explainers.gradcam import GradCAM
 from clip_xai.explainers.rollout import Rollout
+from clip_xai.explainers.selfattn import SelfAttention
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "explainer"
 METHODS = {"game": GAME, "chefer": Chefer, "rollout": Rollout, "eclip": GradECLIP}
@@ -281,18 +282,37 @@ def test_game_and_chefer_by_hand(tiny, one_pair):
     eye = torch.eye(197)
     # Reference default: last block only → the CLS row of I + Ā_last.
     last = (eye + cams[-1])[0, 1:].reshape(1, 14, 14)
-    assert _close(GAME()(tiny, pixels, tokens), last)
+    assert _close(GAME(target_scale=1.0)(tiny, pixels, tokens), last)
+    assert _close(GAME()(tiny, pixels, tokens), tiny.logit_scale * last)  # one block: the scale only multiplies
     assert _close(Chefer()(tiny, pixels, tokens), cams[-1][0, 1:].reshape(1, 14, 14))
     # Full recursion R ← R + Ā R over all blocks.
     r = eye
     for cam in cams:
         r = r + cam @ r
-    assert _close(GAME(start_layer=0)(tiny, pixels, tokens), r[0, 1:].reshape(1, 14, 14))
+    assert _close(GAME(start_layer=0, target_scale=1.0)(tiny, pixels, tokens), r[0, 1:].reshape(1, 14, 14))
     # The logit scale c multiplies Ā: with target_scale the k-th order terms scale like c^k.
     r = eye
     for cam in cams[-2:]:
         r = r + 100.0 * cam @ r
     assert _close(GAME(start_layer=-2, target_scale=100.0)(tiny, pixels, tokens), r[0, 1:].reshape(1, 14, 14))
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_game_logit_target_is_the_models_scale(model, batch_for, modality):
+    """``target_scale: logit`` (default) = an explicit scale equal to exp(the checkpoint's logit_scale)."""
+    pixels, tokens, seeds = batch_for(model, 1)
+    scale = float(model.model.logit_scale.exp())
+    assert model.logit_scale == pytest.approx(scale)
+    got = GAME(modality=modality, start_layer=-3)(model, pixels, tokens, seeds)
+    assert torch.equal(got, GAME(modality=modality, start_layer=-3, target_scale=scale)(model, pixels, tokens, seeds))
+    cosine = GAME(modality=modality, start_layer=-3, target_scale=1.0)(model, pixels, tokens, seeds)
+    assert not _close(got, cosine, 1e-3), "over several blocks the scale must change the map"
+
+
+def test_game_rejects_bad_target_scale():
+    for bad in ("cosine", 0, -1.0):
+        with pytest.raises(ClipXaiError):
+            GAME(target_scale=bad)
 
 
 def test_game_text_by_hand(tiny, one_pair):
@@ -304,7 +324,7 @@ def test_game_text_by_hand(tiny, one_pair):
     r = torch.eye(n)
     for g, b in zip(grads, saved[-2:]):
         r = r + (g * b["probs"]).clamp(min=0).mean(1)[0] @ r
-    assert _close(GAME(modality="text", start_layer=-2)(tiny, pixels, tokens)[0], r[eot[0]])
+    assert _close(GAME(modality="text", start_layer=-2, target_scale=1.0)(tiny, pixels, tokens)[0], r[eot[0]])
 
 
 @pytest.mark.parametrize("ksim_proj", [True, False])
@@ -345,3 +365,40 @@ def test_eclip_text_by_hand(tiny, one_pair):
     assert _close(got, expected)
     pre_relu = (got - total).abs()[total > 0]
     assert pre_relu.numel() > 0 and pre_relu.max() < 1e-6  # ReLU of the SUM, not a sum of ReLUs
+
+
+def test_selfattn_image_by_hand(tiny, one_pair):
+    """Image: the CLS row of the single-head last block over the patches (GE clip_encode_dense)."""
+    pixels, tokens = one_pair
+    with torch.no_grad():
+        _, saved = _hand_image(tiny, pixels, last_heads=1)
+    expected = saved[-1]["probs"][0, 0, 0, 1:].reshape(1, 14, 14)
+    assert _close(SelfAttention()(tiny, pixels, tokens), expected)
+    with torch.no_grad():
+        _, saved = _hand_image(tiny, pixels)
+    mean_heads = saved[-1]["probs"][0].mean(0)[0, 1:].reshape(1, 14, 14)
+    assert _close(SelfAttention(heads="mean")(tiny, pixels, tokens), mean_heads)
+
+
+@pytest.mark.parametrize("n_last", [1, 3, 8])
+def test_selfattn_text_layers_by_hand(tiny, one_pair, n_last):
+    """Text: the EOT row of the last block when the last ``text_layers`` blocks run single-head
+    (GE grad_eclip_text.ipynb ``self_attn`` on ``clip_encode_text_dense(text, n=8)``)."""
+    pixels, tokens = one_pair
+    with torch.no_grad():
+        _, saved, eot = _hand_text(tiny, tokens, single_last=n_last)
+    expected = saved[-1]["probs"][0, 0, eot[0]]
+    got = SelfAttention(modality="text", text_layers=n_last)(tiny, pixels, tokens)[0]
+    assert _close(got, expected)
+
+
+def test_selfattn_text_layers_matter_and_are_checked(tiny, one_pair):
+    pixels, tokens = one_pair
+    one = SelfAttention(modality="text", text_layers=1)(tiny, pixels, tokens)
+    eight = SelfAttention(modality="text")(tiny, pixels, tokens)
+    assert not _close(one, eight, 1e-3)
+    assert SelfAttention().text_layers == 8 and SelfAttention().image_layers == 1
+    with pytest.raises(ClipXaiError):
+        SelfAttention(modality="text", text_layers=13).check_model(tiny)
+    with pytest.raises(ClipXaiError):
+        SelfAttention(text_layers=0)

@@ -225,6 +225,12 @@ class ClipAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def logit_scale(self) -> float:
+        """The checkpoint's own factor between cosine and the logits its code returns (exp of its
+        learned ``logit_scale``: 100 for the OpenAI weights)."""
+        return float(self.model.logit_scale.detach().exp())
+
     def tokenize(self, captions: list[str]) -> TextTokens:
         raise NotImplementedError
 
