@@ -14,21 +14,39 @@ class TextTokens:
     ids: (B, L) token ids. attention_mask: (B, L) 1 for real tokens (0 = padding).
     pool_index: (B,) position whose final state becomes the text embedding (EOT for CLIP,
     position 0 for AltCLIP). content_mask: (B, L) True for caption tokens (start/end/pad excluded).
+    texts: the caption strings the ids were made from (None for ids built or edited directly);
+    methods that re-prompt the caption, as CLIP Surgery's reference does, need them.
     """
 
     ids: Tensor
     attention_mask: Tensor
     pool_index: Tensor
     content_mask: Tensor
+    texts: tuple[str, ...] | None = None
 
     def to(self, device: torch.device | str) -> "TextTokens":
-        return TextTokens(*(t.to(device) for t in (self.ids, self.attention_mask, self.pool_index, self.content_mask)))
+        tensors = (t.to(device) for t in (self.ids, self.attention_mask, self.pool_index, self.content_mask))
+        return TextTokens(*tensors, texts=self.texts)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def trimmed(self) -> "TextTokens":
+        """The same texts with trailing positions that no row attends to dropped.
+
+        Exact for the text towers here: padding is behind a causal mask (CLIP) or masked out of
+        attention (AltCLIP), so a shorter pad changes no embedding; it only saves work.
+        """
+        n = int(self.attention_mask.sum(1).max()) if self.ids.shape[0] else 0
+        n = max(n, int(self.pool_index.max()) + 1 if self.ids.shape[0] else 1)
+        return TextTokens(self.ids[:, :n], self.attention_mask[:, :n], self.pool_index, self.content_mask[:, :n], self.texts)
+
     def index(self, idx) -> "TextTokens":
-        return TextTokens(self.ids[idx], self.attention_mask[idx], self.pool_index[idx], self.content_mask[idx])
+        texts = None
+        if self.texts is not None:
+            rows = torch.arange(len(self.texts))[idx].reshape(-1).tolist()
+            texts = tuple(self.texts[i] for i in rows)
+        return TextTokens(self.ids[idx], self.attention_mask[idx], self.pool_index[idx], self.content_mask[idx], texts)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from clip_xai.explainers.rollout import Rollout
 from clip_xai.explainers.selfattn import SelfAttention
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "explainer"
-METHODS = {"game": GAME, "chefer": Chefer, "rollout": Rollout, "eclip": GradECLIP}
+METHODS = {"game": GAME, "chefer": Chefer, "rollout": Rollout, "eclip": GradECLIP, "selfattn": SelfAttention}
 TOL = 1e-5
 
 

@@ -1,21 +1,28 @@
 """CLIP Surgery, MaskCLIP and RISE explainers on every backend (small random models)."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from unittest.mock import patch
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.maskclip import MaskCLIP
+from clip_xai.explainers.postprocess import image_maps
 from clip_xai.explainers.rise import RISE, interp_matrix
-from clip_xai.explainers.surgery import TEMPLATES, CLIPSurgery, surgery_tokens
+from clip_xai.explainers.surgery import CLASS_NAMES, TEMPLATES, CLIPSurgery, surgery_tokens
+from clip_xai.metrics.sensitivity.flags import decode_flags, map_flag_codes
 from clip_xai.models.base import attend, merge_heads
 
+REPO = Path(__file__).resolve().parents[1]
 FEW_CLASSES = ["person", "dog", "tree", "car", "sky"]
 
 CASES = {
-    "surgery": lambda: CLIPSurgery(),
-    "surgery_class_set": lambda: CLIPSurgery(redundant="class_set", templates="single", class_names=FEW_CLASSES),
+    "surgery_demo": lambda: CLIPSurgery(redundant="empty_prompt", image_norm="channels", templates="single"),
+    "surgery_class_set": lambda: CLIPSurgery(templates="single", class_names=FEW_CLASSES),
     "maskclip": lambda: MaskCLIP(),
     "rise_image": lambda: RISE(n_masks=8, chunk=4, mask_seed=0),
     "rise_text": lambda: RISE(modality="text", n_masks_text=8, chunk=4, mask_seed=0),
@@ -116,40 +123,144 @@ def test_surgery_one_layer_matches_records(model, batch_for):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
 
+def _ensemble(model, texts, templates):
+    """Each text through every template, unit rows averaged and re-normalised (CS's ensemble)."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            emb = F.normalize(model.text(model.tokenize([t.format(text) for t in templates]))[0], dim=-1)
+            out.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(out)
+
+
 def test_surgery_empty_prompt_formula(model, batch_for):
+    """CS demo.py's single-text recipe: img_tok · (ensemble(caption) − ensemble(""))."""
     pixels, tokens, seeds = batch_for(model, 2)
+    temps = TEMPLATES[:3]
     with torch.no_grad():
         raw = surgery_tokens(model.vision, pixels, 6)
-        prompts = model.tokenize([t.format("") for t in TEMPLATES])
-        empty = F.normalize(F.normalize(model.text(prompts)[0], dim=-1).mean(0), dim=-1)
-        text = F.normalize(model.text(tokens)[0], dim=-1)
-    for image_norm, dim in (("tokens", 1), ("channels", -1)):
-        out = CLIPSurgery(image_norm=image_norm)(model, pixels, tokens, seeds)
-        feats = raw / raw.norm(dim=dim, keepdim=True)
-        sim = torch.einsum("bne,be->bn", feats, text - empty)
-        torch.testing.assert_close(out, model.patch_map(sim), atol=1e-5, rtol=1e-4)
+    empty = _ensemble(model, [""], temps)[0]
+    for caption_templates, text in ((True, _ensemble(model, tokens.texts, temps)),
+                                    (False, F.normalize(model.text(tokens)[0], dim=-1).detach())):
+        for image_norm, dim in (("tokens", 1), ("channels", -1)):
+            explainer = CLIPSurgery(redundant="empty_prompt", image_norm=image_norm, caption_templates=caption_templates)
+            with patch("clip_xai.explainers.surgery.TEMPLATES", temps):
+                out = explainer(model, pixels, tokens, seeds)
+            feats = raw / raw.norm(dim=dim, keepdim=True)
+            sim = torch.einsum("bne,be->bn", feats, text - empty)
+            torch.testing.assert_close(out, model.patch_map(sim), atol=1e-5, rtol=1e-4)
 
 
-def test_surgery_class_set_matches_feature_surgery(tiny, batch_for):
-    """The reduced channel-0 formula equals CS's clip_feature_surgery written out in full."""
+def _feature_surgery_written_out(feats, texts, weights):
+    """CS clip_feature_surgery in full: (B,N,E) tokens, (B,T,E) texts → channel-0 map (B,N)."""
+    prob = torch.einsum("bne,bte->bnt", feats, texts)
+    row = prob[:, :1] if weights == "cls" else prob  # CLS row only (CS at HEAD) or every token
+    p = (2 * row).softmax(-1)
+    w = p / p.mean(-1, keepdim=True)
+    full = feats[:, :, None] * texts[:, None] * w[..., None]  # (B,N,T,E)
+    return (full - full.mean(2, keepdim=True)).sum(-1)[..., 0]
+
+
+def test_feature_surgery_cls_weights_hand_case(tiny, batch_for):
+    """A hand-worked case: 2 tokens, 2 texts, 2 channels, weights from the CLS row only.
+
+    CLS f0=(1,0), patch f1=(0,1); caption t0=(1,0), class t1=(0,1). CLS probs (1,0) →
+    p = softmax(2,0) = (e²,1)/(e²+1), w = 2p. sim_i = (w0·f_i·t0 − w1·f_i·t1)/2 (the mean over
+    2 texts removes half of each). Patch: (0 − w1)/2 = −1/(e²+1); CLS: w0/2 = e²/(e²+1).
+    With per-token weights the patch's own probs (0,1) give w=(2/(e²+1), 2e²/(e²+1)) instead.
+    """
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    texts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    e2 = math.exp(2.0)
+    cls = _feature_surgery_written_out(feats, texts, "cls")[0]
+    torch.testing.assert_close(cls, torch.tensor([e2 / (e2 + 1), -1 / (e2 + 1)]))
+    token = _feature_surgery_written_out(feats, texts, "token")[0]
+    torch.testing.assert_close(token[1], torch.tensor(-e2 / (e2 + 1)))
+    # The explainer's reduced formula gives the same numbers (pool index 0 = the CLS row).
+    explainer = CLIPSurgery(class_names=["x"], templates="single")
+    with patch.object(CLIPSurgery, "token_features", lambda self, m, px: feats), \
+         patch.object(CLIPSurgery, "caption_embeddings", lambda self, m, tok: texts[:, 0]), \
+         patch.object(CLIPSurgery, "auxiliary", lambda self, m: texts[0, 1:]), \
+         patch.object(type(tiny), "patch_map", lambda self, sim: sim):
+        pixels, tokens, _ = batch_for(tiny, 1)
+        pool = patch.object(type(tiny.vision), "pool_index", lambda self, px: torch.zeros(1, dtype=torch.long))
+        with pool:
+            torch.testing.assert_close(explainer.explain_image(tiny, pixels, tokens, None)[0], cls)
+            explainer.weights = "token"
+            torch.testing.assert_close(explainer.explain_image(tiny, pixels, tokens, None)[0], token)
+
+
+def test_surgery_thesis_recipe_written_out(tiny, batch_for):
+    """Default = the thesis's recipe: the caption and the class names each through the templates,
+    tokens normalised over the token axis, CS feature surgery with CLS-row weights, text 0."""
     pixels, tokens, seeds = batch_for(tiny, 2)
-    explainer = CLIPSurgery(redundant="class_set", templates="single", class_names=FEW_CLASSES)
-    out = explainer(tiny, pixels, tokens, seeds)
+    temps, names = TEMPLATES[:4], FEW_CLASSES[:3]
+    with patch("clip_xai.explainers.surgery.TEMPLATES", temps):
+        out = CLIPSurgery(class_names=names)(tiny, pixels, tokens, seeds)
     with torch.no_grad():
-        feats = explainer.token_features(tiny, pixels)  # (B,N,E)
-        names = F.normalize(tiny.text(tiny.tokenize(FEW_CLASSES))[0], dim=-1)
-        text = F.normalize(tiny.text(tokens)[0], dim=-1)
-        texts = torch.cat([text[:, None], names[None].expand(2, -1, -1)], 1)  # (B,T,E)
-        prob = (2 * torch.einsum("bne,bte->bnt", feats, texts)).softmax(-1)
-        w = prob / prob.mean(-1, keepdim=True)
-        full = feats[:, :, None] * texts[:, None] * w[..., None]  # (B,N,T,E)
-        sim = (full - full.mean(2, keepdim=True)).sum(-1)[..., 0]
-    torch.testing.assert_close(out, tiny.patch_map(sim), atol=1e-5, rtol=1e-4)
+        raw = surgery_tokens(tiny.vision, pixels, 6)
+    feats = raw / raw.norm(dim=1, keepdim=True)
+    caption = _ensemble(tiny, tokens.texts, temps)  # e.g. "a bad photo of a a photo of a cat."
+    classes = _ensemble(tiny, names, temps)
+    texts = torch.cat([caption[:, None], classes[None].expand(2, -1, -1)], 1)
+    expected = _feature_surgery_written_out(feats, texts, "cls")
+    torch.testing.assert_close(out, tiny.patch_map(expected), atol=1e-5, rtol=1e-4)
+
+
+def test_surgery_yaml_defaults_are_the_class_defaults():
+    from omegaconf import OmegaConf
+
+    from clip_xai.config import build
+    conf = REPO / "conf" / "explainer"
+    built = build(OmegaConf.create({"explainer": OmegaConf.load(conf / "surgery.yaml")}), "explainer")
+    assert built.config_key() == CLIPSurgery().config_key()
+
+
+def test_surgery_shipped_prompt_lists():
+    assert len(TEMPLATES) == 85 and len(set(TEMPLATES)) == 85 and all("{}" in t for t in TEMPLATES)
+    assert len(CLASS_NAMES) == 59 and CLASS_NAMES[0] == "airplane" and CLASS_NAMES[-1] == "wood"
+    assert CLIPSurgery().class_names == list(CLASS_NAMES)
+
+
+def test_surgery_caption_alone_is_flagged_not_crashing(tiny, batch_for):
+    """No class names: feature surgery subtracts the only text from itself (0/0 in the reference)."""
+    pixels, tokens, seeds = batch_for(tiny, 2)
+    out = CLIPSurgery(class_names=[], templates="single")(tiny, pixels, tokens, seeds)
+    assert (out == 0).all()
+    maps = image_maps(out, (224, 224))
+    assert decode_flags(map_flag_codes(maps, maps)) == ["constant_clean+constant_pert"] * 2
+
+
+def test_surgery_caption_too_long_for_prompts_gives_nan(tiny):
+    """A caption whose templated prompts overflow the context gets a NaN map (flagged), not a crash."""
+    long = " ".join(["word"] * 70)
+    tokens = tiny.tokenize([long, "a photo of a cat"])
+    pixels = torch.rand(2, 3, 224, 224)
+    out = CLIPSurgery(class_names=FEW_CLASSES[:2], templates="ensemble")(tiny, pixels, tokens, torch.zeros(2))
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_surgery_needs_caption_strings(tiny, batch_for):
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    bare = tiny.tokens_from_ids(tokens.ids)
+    with pytest.raises(ClipXaiError, match="caption strings"):
+        CLIPSurgery(templates="single")(tiny, pixels, bare, seeds)
+    CLIPSurgery(templates="single", caption_templates=False, class_names=FEW_CLASSES)(tiny, pixels, bare, seeds)
+
+
+def test_trimmed_tokens_give_the_same_embeddings(model):
+    tokens = model.tokenize(["a photo of a cat", "a dog"])
+    short = tokens.trimmed()
+    assert short.ids.shape[1] < tokens.ids.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(short), model.encode_text(tokens), atol=1e-6, rtol=1e-5)
 
 
 def test_surgery_rejects_bad_settings(tiny):
     with pytest.raises(ClipXaiError):
         CLIPSurgery(redundant="nope")
+    with pytest.raises(ClipXaiError):
+        CLIPSurgery(weights="mean")
     with pytest.raises(ClipXaiError):
         CLIPSurgery(surgery_layers=99).check_model(tiny)
     with pytest.raises(ClipXaiError):

@@ -15,30 +15,32 @@ Then the prefix (CLS) rows of ``x_new`` are replaced by those of ``x_ori`` and `
 ``project_tokens`` of the ordinary forward. (The new path adds the attention output through the
 block's own residual step, ``BlockOps.add_attn``, so a layer scale is honoured; CLIP has none.)
 
-**Feature surgery.**
+**Feature surgery** (CS ``clip/clip.py`` ``clip_feature_surgery``):
 
-* ``redundant: empty_prompt`` (default; the reference's "single text" recipe, CS demo.py):
-  ``sim = img_tok · (t − r)``, with ``t`` the caption's unit embedding and ``r`` the
-  prompt-ensembled embedding of the empty string "".
-* ``redundant: class_set`` (the GE/PRED rule, Cyang-Zhao/Grad-Eclip generate_emap.py
-  ``clip_surgery_map``): the caption is prepended to a fixed set of class names (ours is a short
-  generic list written here; GE used 59 PASCAL-Context names) and CS's
-  ``clip_feature_surgery`` is applied: per token ``p = softmax(2·img_tok·text_t)`` over the texts,
-  ``w = p / mean(p)``, ``F_t = img_tok ⊙ text_t · w_t``, subtract the mean over texts, sum the
-  channels, keep text 0 (the caption). The softmax weights are computed per token, as in the CS
-  code (METHODS.md says "CLS"; the code uses every token).
+* ``redundant: class_set`` (default; the thesis and Grad-ECLIP, ``generate_emap.py``
+  ``clip_surgery_map``, called by the thesis's ``utils.py`` ``generate_hm``): the caption is
+  placed before the 59 PASCAL-Context class names (``prompts/pascal_context_59.txt``). With T
+  texts, ``p = softmax(2·img_CLS·text_t)`` over the texts (``weights: cls``: the CS code at HEAD
+  takes the softmax from the CLS row only and applies it to every token; ``weights: token`` is the
+  per-token softmax of CS's first commit), ``w = p / mean(p)``, ``F_t = img_tok ⊙ text_t · w_t``,
+  subtract the mean over texts, sum the channels, keep text 0 (the caption). With the caption
+  alone (``class_names: []``) this is 0 for every token: the map is constant and the study flags
+  it (``constant_*``), where the reference divides 0 by 0.
+* ``redundant: empty_prompt`` (CS ``demo.py``, "single text" section):
+  ``sim = img_tok · (t − r)``, with ``t`` the caption's embedding and ``r`` the prompt-ensembled
+  embedding of the empty string "". ``explainer=surgery_demo`` is that recipe as demo.py runs it.
 
-**Text embeddings.** Auxiliary texts ("" or the class names) are encoded with
-``templates: ensemble`` (default; each text through a short list of ImageNet-style templates
-written here, unit-normalised, averaged, re-normalised; the reference used 85 templates) or
-``templates: single`` (the text as is, no template). The caption itself is always encoded as
-given: explainers receive token ids, not strings (the reference also wraps the target prompt in the
-templates).
+**Text embeddings.** Every text goes through ``templates: ensemble`` (default; the 85 templates
+of CS's ``encode_text_with_prompt_ensemble``, ``prompts/imagenet_templates_85.txt``: each
+prompt unit-normalised, averaged, re-normalised) or ``templates: single`` (the text as is). The
+caption too (``caption_templates: true``, as both references do, so the thesis encoded "a bad
+photo of a a photo of a goldfinch."); ``false`` uses the caption's own embedding. Re-prompting
+needs the caption strings (``TextTokens.texts``); their embeddings are cached per model.
 
-**Image-feature normalisation (reference quirk).** CS demo.py and GE normalise the per-token
-features with ``norm(dim=1)`` on a (B, tokens, E) tensor, i.e. every channel over the TOKENS, not
-every token over its channels. ``image_norm: tokens`` (default) reproduces that;
-``image_norm: channels`` normalises each token (the evident intent).
+**Image-feature normalisation.** GE/the thesis normalise the per-token features with
+``norm(dim=1)`` on a (B, tokens, E) tensor, i.e. every channel over the TOKENS:
+``image_norm: tokens`` (default). CS ``demo.py`` uses ``dim=-1``, each token over its channels:
+``image_norm: channels``.
 
 **Map.** The patch rows of ``sim`` on the patch grid (B, h, w). The reference min-maxes each map
 over the tokens and upsamples bilinearly to the image size (GE/PRED then min-max and Resize
@@ -50,6 +52,7 @@ the order of min-max.
 from __future__ import annotations
 
 import weakref
+from importlib import resources
 
 import torch
 import torch.nn.functional as F
@@ -60,30 +63,25 @@ from clip_xai.explainers.base import Explainer, text_target
 from clip_xai.models.base import ClipAdapter, Tower, merge_heads, split_heads
 from clip_xai.types import TextTokens
 
-# A short list of common ImageNet-style prompt templates (the reference ensembles 85).
-TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a good photo of the {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a close-up photo of a {}.",
-    "a cropped photo of the {}.",
-    "a bright photo of a {}.",
-    "a blurry photo of the {}.",
-    "there is a {} in the scene.",
-)
-
-# Generic object/stuff names for ``redundant: class_set`` (GE used the 59 PASCAL-Context classes).
-CLASS_NAMES = (
-    "person", "dog", "cat", "bird", "horse", "car", "bus", "bicycle", "boat", "airplane",
-    "tree", "grass", "flower", "sky", "water", "road", "building", "wall", "floor", "window",
-    "table", "chair", "bottle", "food", "book",
-)
-
-REDUNDANT = ("empty_prompt", "class_set")
-TEMPLATE_MODES = ("single", "ensemble")
+PROMPTS = resources.files("clip_xai.explainers") / "prompts"
+REDUNDANT = ("class_set", "empty_prompt")
+TEMPLATE_MODES = ("ensemble", "single")
 IMAGE_NORMS = ("tokens", "channels")
+WEIGHTS = ("cls", "token")
+#: Prompts encoded per text forward.
+PROMPT_CHUNK = 1024
+#: Caption embeddings kept per model and device (RIVAL10 has 10 captions, CC one per image).
+CAPTION_CACHE = 4096
+
+
+def prompt_list(filename: str) -> tuple[str, ...]:
+    """The non-comment lines of a shipped prompt file (templates or class names)."""
+    lines = (PROMPTS / filename).read_text(encoding="utf-8").splitlines()
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+TEMPLATES = prompt_list("imagenet_templates_85.txt")
+CLASS_NAMES = prompt_list("pascal_context_59.txt")
 
 
 def surgery_tokens(tower: Tower, pixels: Tensor, surgery_layers: int) -> Tensor:
@@ -113,11 +111,11 @@ class CLIPSurgery(Explainer):
     modalities = frozenset({"image"})
 
     def __init__(self, name: str = "surgery", modality: str = "image", surgery_layers: int = 6,
-                 redundant: str = "empty_prompt", templates: str = "ensemble", image_norm: str = "tokens",
-                 class_names: list[str] | None = None):
+                 redundant: str = "class_set", templates: str = "ensemble", caption_templates: bool = True,
+                 image_norm: str = "tokens", weights: str = "cls", class_names: list[str] | None = None):
         super().__init__(name, modality)
         for key, val, allowed in (("redundant", redundant, REDUNDANT), ("templates", templates, TEMPLATE_MODES),
-                                  ("image_norm", image_norm, IMAGE_NORMS)):
+                                  ("image_norm", image_norm, IMAGE_NORMS), ("weights", weights, WEIGHTS)):
             if val not in allowed:
                 raise ClipXaiError(f"surgery {key}={val!r} is not known",
                                    f"use explainer.{key}=" + " or ".join(allowed))
@@ -127,10 +125,14 @@ class CLIPSurgery(Explainer):
         self.surgery_layers = int(surgery_layers)
         self.redundant = redundant
         self.templates = templates
+        self.caption_templates = bool(caption_templates)
         self.image_norm = image_norm
-        self.class_names = list(class_names) if class_names else list(CLASS_NAMES)
+        self.weights = weights
+        self.class_names = list(CLASS_NAMES if class_names is None else class_names)
         # model → {device: (T, E) unit embeddings of the auxiliary texts}
         self._aux: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # model → {(device, caption): (E,) unit embedding of the re-prompted caption}
+        self._captions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def check_model(self, model: ClipAdapter) -> None:
         if self.surgery_layers > model.vision.n_layers:
@@ -146,19 +148,51 @@ class CLIPSurgery(Explainer):
         """(T, E) unit embeddings of ``texts`` (prompt-ensembled when ``templates: ensemble``)."""
         temps = TEMPLATES if self.templates == "ensemble" else ("{}",)
         prompts = [t.format(text) for text in texts for t in temps]
-        with torch.no_grad():
-            emb = model.encode_text(model.tokenize(prompts)).float()  # unit rows
-        emb = F.normalize(emb.view(len(texts), len(temps), -1).mean(1), dim=-1)
-        return emb
+        with torch.no_grad():  # unit rows; padding trimmed per chunk (exact, see TextTokens.trimmed)
+            emb = torch.cat([model.encode_text(model.tokenize(prompts[i : i + PROMPT_CHUNK]).trimmed()).float()
+                             for i in range(0, len(prompts), PROMPT_CHUNK)])
+        return F.normalize(emb.view(len(texts), len(temps), -1).mean(1), dim=-1)
 
-    def auxiliary(self, model: ClipAdapter) -> Tensor:
-        """Unit embeddings of "" (empty_prompt) or of the class names (class_set), cached per model."""
+    def auxiliary(self, model: ClipAdapter) -> Tensor | None:
+        """Unit embeddings of "" (empty_prompt) or of the class names (class_set), cached per model;
+        None for an empty class list."""
         per_model = self._aux.setdefault(model, {})
         key = str(model.device)
         if key not in per_model:
             texts = [""] if self.redundant == "empty_prompt" else self.class_names
-            per_model[key] = self.ensemble_embeddings(model, texts)
+            per_model[key] = self.ensemble_embeddings(model, texts) if texts else None
         return per_model[key]
+
+    def caption_embeddings(self, model: ClipAdapter, tokens: TextTokens) -> Tensor:
+        """(B, E) unit caption embeddings: re-prompted from the caption strings (reference), or the
+        embeddings of the tokens as given (``caption_templates: false``).
+
+        A caption whose prompts do not fit the context gets a NaN embedding, so its map is NaN and
+        the study flags it (the reference's tokenizer raises there).
+        """
+        if not self.caption_templates:
+            return text_target(model, tokens).float()
+        if tokens.texts is None:
+            raise ClipXaiError(
+                "surgery with caption_templates=true needs the caption strings, but the tokens were built from ids",
+                "tokenize captions with model.tokenize(...) or use explainer.caption_templates=false",
+            )
+        cache = self._captions.setdefault(model, {})
+        device = str(model.device)
+        missing = [t for t in dict.fromkeys(tokens.texts) if (device, t) not in cache]
+        if len(cache) + len(missing) > CAPTION_CACHE:
+            cache.clear()
+        for text in missing:
+            try:
+                cache[(device, text)] = self.ensemble_embeddings(model, [text])[0]
+            except ClipXaiError:  # a prompt longer than the context
+                cache[(device, text)] = None
+        embs = [cache[(device, t)] for t in tokens.texts]
+        dim = next((e.shape[0] for e in embs if e is not None), None)
+        if dim is None:
+            dim = text_target(model, tokens).shape[-1]
+        return torch.stack([e if e is not None else torch.full((dim,), float("nan"), device=model.device)
+                            for e in embs])
 
     # --- map ---------------------------------------------------------------------------------
 
@@ -171,15 +205,22 @@ class CLIPSurgery(Explainer):
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         self.check_model(model)
-        text = text_target(model, tokens).float()  # (B,E) unit caption embeddings
+        text = self.caption_embeddings(model, tokens)  # (B,E)
         aux = self.auxiliary(model)
         feats = self.token_features(model, pixels)  # (B,N,E)
         if self.redundant == "empty_prompt":
             sim = torch.einsum("bne,be->bn", feats, text - aux[0])
         else:
-            texts = torch.cat([text[:, None], aux[None].expand(text.shape[0], -1, -1)], dim=1)  # (B,T,E)
+            others = (aux[None].expand(text.shape[0], -1, -1) if aux is not None
+                      else text.new_zeros(text.shape[0], 0, text.shape[-1]))
+            texts = torch.cat([text[:, None], others], dim=1)  # (B,T,E)
             prob = torch.einsum("bne,bte->bnt", feats, texts)
-            p = (2 * prob).softmax(-1)
+            if self.weights == "cls":
+                pool = model.vision.pool_index(pixels)
+                rows = prob[torch.arange(prob.shape[0], device=prob.device), pool][:, None]  # (B,1,T)
+            else:
+                rows = prob
+            p = (2 * rows).softmax(-1)
             w = p / p.mean(-1, keepdim=True)
             # Σ_e (F_0 − mean_t F_t) with F_t = feat ⊙ text_t · w_t, reduced to dot products.
             weighted = w * prob

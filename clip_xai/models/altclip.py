@@ -30,6 +30,7 @@ pretrained AltCLIP weights.
 from __future__ import annotations
 
 import string
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -336,7 +337,8 @@ class AltClipAdapter(ClipAdapter):
                 "shorten the caption (truncating it would drop the </s> token)",
             )
         enc = tok(list(captions), padding="max_length", max_length=self.context_length, return_tensors="pt")
-        return self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+        tokens = self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+        return replace(tokens, texts=tuple(captions))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Pool at position 0 (``<s>``); content = positions 1 .. first ``</s>`` − 1 that are attended.

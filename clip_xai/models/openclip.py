@@ -7,6 +7,7 @@ keeps those parameter names.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -175,7 +176,7 @@ class OpenClipAdapter(ClipAdapter):
                 "shorten the caption (open_clip would silently truncate it and move the EOT token)",
             )
         ids = tok(captions).to(self.device)
-        return self.tokens_from_ids(ids)
+        return replace(self.tokens_from_ids(ids), texts=tuple(captions))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         eot = ids.argmax(dim=-1)  # EOT has the largest id; open_clip pools here too
