@@ -62,7 +62,7 @@ USER_CONF = {
 def package_yaml() -> dict[str, Path]:
     """Every YAML the wheel must hold, ``clip_xai/conf/...`` -> its one source in git."""
     out = {f"clip_xai/conf/{p.relative_to(REPO / 'conf').as_posix()}": p for p in (REPO / "conf").rglob("*.yaml")
-           if not p.relative_to(REPO / "conf").parts[0] == "experiment"}
+           if p.relative_to(REPO / "conf").parts[0] != "experiment"}
     out.update({f"clip_xai/conf/experiment/{p.name}": p for p in (REPO / "experiments").glob("*.yaml")})
     return out
 
