@@ -49,4 +49,4 @@ smoke: $(STAMP)
 	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache build dist

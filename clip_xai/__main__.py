@@ -1,7 +1,8 @@
 """The one entrypoint: ``python -m clip_xai [overrides]`` or ``clip-xai [overrides]`` (``-m`` sweeps).
 
-Composes ``conf/config.yaml``, builds model, dataset, explainer, perturbation, metrics and
-study from their groups, runs the study into the job's run directory and logs to W&B.
+Composes ``conf/config.yaml`` (found by :func:`conf_dir`), builds model, dataset, explainer,
+perturbation, metrics and study from their groups, runs the study into the job's run directory
+and logs to W&B.
 """
 from __future__ import annotations
 
@@ -21,7 +22,18 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.schema import CONFIG_FILE
 
 log = logging.getLogger("clip_xai")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def conf_dir() -> Path:
+    """The config tree: ``clip_xai/conf`` in an installed wheel (the build copies the repository's
+    ``conf/`` and ``experiments/`` there), else ``conf/`` beside the package (checkout, editable
+    install). The packaged copy comes first, so a stray ``conf/`` in site-packages is never used."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "conf", package.parent / "conf")
+    return next((c for c in candidates if (c / "config.yaml").is_file()), candidates[0])
+
+
+CONF_DIR = str(conf_dir())
 
 
 def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict:
@@ -88,6 +100,11 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if not (Path(CONF_DIR) / "config.yaml").is_file():
+        err = ClipXaiError(f"no {CONF_DIR}/config.yaml: this clip_xai install was built without its configs",
+                           "install a wheel or sdist made by `python -m build`, or `pip install -e .` in a checkout")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     register_resolvers()
     hydra_main()
 
