@@ -35,6 +35,9 @@ FAITHFULNESS_COLUMNS = ID_COLUMNS + [
     "map_flag", "caption_flag",
 ]
 
+# Columns added after the first release, with the value older results.parquet files imply.
+OPTIONAL_COLUMNS = {"caption_flag": ""}
+
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {
     "spearman": True, "ssim": True, "topk": True, "sim_diff": False,

@@ -54,7 +54,9 @@ class ResumableDownloader:
         import requests
 
         have = self.part.stat().st_size if self.part.is_file() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = {"Accept-Encoding": "identity"}  # byte counts must match the file (resume offsets)
+        if have:
+            headers["Range"] = f"bytes={have}-"
         with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as resp:
             if resp.status_code == 416 and have:  # nothing left to fetch: the part file is complete
                 total, mode = have, None
@@ -140,35 +142,36 @@ def _safe_target(dest: Path, name: str) -> Path:
     return target
 
 
-def unpack(archive: Path, dest: Path, desc: str = "") -> None:
-    """Unpack a .zip or .tar(.gz) into ``dest`` with a progress bar; macOS ``__MACOSX`` metadata is skipped."""
-    dest.mkdir(parents=True, exist_ok=True)
+def _members(archive: Path):
+    """(name, is_dir, open) for each regular file or folder of a .zip or .tar(.gz), macOS metadata skipped."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.infolist() if not m.filename.startswith("__MACOSX")]
-            for m in tqdm(members, desc=desc or f"unpacking {archive.name}", unit="file", leave=False, disable=None):
-                target = _safe_target(dest, m.filename)
-                if m.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+            for m in zf.infolist():
+                yield m.filename, m.is_dir(), lambda m=m: zf.open(m)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            for m in tqdm(tf, desc=desc or f"unpacking {archive.name}", unit="file", leave=False, disable=None):
-                if m.name.startswith("__MACOSX") or not (m.isfile() or m.isdir()):
-                    continue
-                target = _safe_target(dest, m.name)
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tf.extractfile(m) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+            for m in tf:
+                if m.isfile() or m.isdir():
+                    yield m.name, m.isdir(), lambda m=m: tf.extractfile(m)
     else:
         raise ClipXaiError(f"{archive} is neither a zip nor a tar archive",
                            "pass the official archive (download it again if it is truncated)")
+
+
+def unpack(archive: Path, dest: Path, desc: str = "") -> None:
+    """Unpack a .zip or .tar(.gz) into ``dest`` with a progress bar; ``__MACOSX`` metadata is skipped."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, is_dir, open_member in tqdm(_members(archive), desc=desc or f"unpacking {archive.name}", unit="file",
+                                          leave=False, disable=None):
+        if name.startswith("__MACOSX"):
+            continue
+        target = _safe_target(dest, name)
+        if is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
 
 
 class Staging:
@@ -183,9 +186,10 @@ class Staging:
         self.root = Path(root)
         self.created_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".staging-*"):  # left by a killed earlier run
+            log.info("removing the stale work folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         self.dir = self.root / f".staging-{os.getpid()}"
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
         self.dir.mkdir()
 
     def __enter__(self) -> "Staging":

@@ -62,9 +62,10 @@ class Source:
     remotes: tuple[Remote, ...]
     build: Callable[["Source", Path, Options, Staging], dict[str, Path]]
 
-    def banner(self, root: Path) -> str:
-        files = "\n".join(f"  {r.url}  ({r.size or 'size unknown'}; checksum "
-                          f"{r.known_hash or 'not published: verified by counts'})" for r in self.remotes)
+    def banner(self, root: Path, remotes: list[Remote] | None = None) -> str:
+        """Source, files (URLs as this run will fetch them), terms, disk size and target, printed first."""
+        files = "\n".join(f"  {r.url or r.fname + ' (you supply it)'}  ({r.size or 'size unknown'}; checksum "
+                          f"{r.known_hash or 'not published: verified by counts'})" for r in remotes or self.remotes)
         return (f"== {self.title}\nsource:  {self.homepage}\n{files}\nterms:   {self.licence}\n"
                 f"disk:    {self.disk}\ntarget:  {root}\n")
 
@@ -98,7 +99,8 @@ def _obtain(src: Source, root: Path, opts: Options) -> tuple[list[Path], list[Pa
                 f"download it yourself from {src.homepage}, then pass --archive /path/to/{r.fname} "
                 "(or --url with the download link you were given)",
             )
-        print(f"downloading {r.url}")
+        done = (root / DOWNLOADS / r.fname).is_file()
+        print(f"{'reusing the finished download of' if done else 'downloading'} {r.url}")
         paths.append(fetch(r, root / DOWNLOADS, opts.progress))
         downloaded.append(paths[-1])
     return paths, downloaded
@@ -358,7 +360,7 @@ def prepare(name: str, root: Path | None, opts: Options) -> Report:
         raise ClipXaiError(f"unknown dataset {name!r}", f"choose one of {sorted(SOURCES)}")
     src = SOURCES[name]
     root = Path(root).expanduser().resolve() if root is not None else default_root(name)
-    print(src.banner(root))
+    print(src.banner(root, _remotes(src, opts)))
     present = [e for e in src.entries if (root / e).exists()]
     if present and not opts.force:
         try:

@@ -279,8 +279,8 @@ def verify_cc(root: Path, deep: bool = True, workers: int = 4) -> Report:
         rows = _read_manifest(manifest)
         ok = [r for r in rows if r.get("status") == "success"]
         rep.count("URLs tried", len(rows), OFFICIAL["cc"]["urls"], exact=False,
-                  note="validation list; dead links are expected" + ("" if len(rows) >= OFFICIAL["cc"]["urls"] else
-                                                                     ", subset (--limit)"))
+                  note="dead links are expected" + ("" if len(rows) >= OFFICIAL["cc"]["urls"] else
+                                                    "; fewer URLs than the official list (--limit?)"))
         rep.count("URLs failed", len(rows) - len(ok), note="see manifest.csv (status, error_message)")
         rep.count("downloaded images on disk", len(captioned), len(ok), note="manifest successes")
     if deep:
