@@ -52,7 +52,7 @@ class Server:
     """
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.cut, self.requests = dict(files), {}, []
+        self.files, self.cut, self.requests, self.ignore_range = dict(files), {}, [], False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,7 +67,7 @@ class Server:
                     self.send_error(404)
                     return
                 start = 0
-                rng = self.headers.get("Range")
+                rng = None if outer.ignore_range else self.headers.get("Range")
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(data):
@@ -186,6 +186,46 @@ def test_download_resumes_after_interruption(tmp_path, monkeypatch, flickr8k_arc
         assert main(["prepare", "flickr8k", "--root", str(root), "--mirror", srv.url, "--no-progress"]) == 0
     assert ("/Flickr8k_Dataset.zip", f"bytes={have}-") in srv.requests  # asked only for the rest
     assert len(list((root / "Flicker8k_Dataset").iterdir())) == len(names)
+
+
+def test_server_without_range_support_restarts_the_download(tmp_path, monkeypatch, flickr8k_archives):
+    archives, names = flickr8k_archives
+    _with_hashes(monkeypatch, "flickr8k", {k: _md5(v) for k, v in archives.items()})
+    _flickr_official(monkeypatch, len(names))
+    root = tmp_path / "flickr8k"
+    part = root / ".downloads" / "Flickr8k_Dataset.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"stale bytes that a resume would wrongly keep")
+    with Server({f"/{k}": v for k, v in archives.items()}) as srv:
+        srv.ignore_range = True  # answers 200 with the whole file
+        assert main(["prepare", "flickr8k", "--root", str(root), "--mirror", srv.url, "--no-progress"]) == 0
+    assert len(list((root / "Flicker8k_Dataset").iterdir())) == len(names)
+
+
+@pytest.mark.slow
+def test_cli_subprocess_verify_exit_codes(tmp_path):
+    """The real `python -m clip_xai.data` entry point: table on stdout, 1 on problems, 2 on a missing root."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    root = tmp_path / "rival10"
+    data, _ = _rival10_zip(2)
+    archive = tmp_path / "r.zip"
+    archive.write_bytes(data)
+    from clip_xai.data.download import unpack
+
+    unpack(archive, root)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "clip_xai.data", *a], cwd=REPO, text=True,  # noqa: E731
+                                    capture_output=True, timeout=300)
+    ok = run("verify", "rival10", "--root", str(root))
+    assert ok.returncode == 0 and "result: OK" in ok.stdout
+    (next((root / "RIVAL10" / "test" / "ordinary").glob("*_merged_mask.JPEG"))).unlink()
+    bad = run("verify", "rival10", "--root", str(root), "--quick")
+    assert bad.returncode == 1 and "without merged_mask.JPEG" in bad.stdout
+    gone = run("verify", "rival10", "--root", str(tmp_path / "nowhere"))
+    assert gone.returncode == 2 and "prepare rival10" in gone.stderr
 
 
 def test_bad_checksum_leaves_nothing_behind(tmp_path, monkeypatch, flickr8k_archives, capsys):

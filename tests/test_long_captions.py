@@ -97,3 +97,16 @@ def test_unknown_policy_is_refused():
 
     with pytest.raises(ClipXaiError, match="must be one of"):
         check_policy("cut")
+
+
+def test_results_written_before_caption_flag_still_load_in_the_report(tmp_path):
+    from clip_xai.report.collect import load_run
+    from clip_xai.schema import SENSITIVITY_COLUMNS
+
+    old = {c: [0.0] for c in SENSITIVITY_COLUMNS if c != "caption_flag"}
+    old.update(sample_id=["a"], caption=["a cat"], study=["sensitivity"], map_flag=[""])
+    (tmp_path / "run").mkdir()
+    pd.DataFrame(old).to_parquet(tmp_path / "run" / "results.parquet")
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    df = load_run(tmp_path / "run")
+    assert df["caption_flag"].tolist() == [""]
