@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from clip_xai.config import build, check_precision, pick_device, register_resolvers
+from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import CONFIG_FILE
@@ -44,6 +45,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
     perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None
+    check_policy(str(cfg.dataset.get("on_long_caption", "skip")))
     preflight(str(cfg.dataset.name), cfg.dataset.get("root"))  # cheap root check; names `verify` if it looks wrong
     dataset = build(cfg, "dataset")
     model = build(cfg, "model").to(device)

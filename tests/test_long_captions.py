@@ -92,11 +92,10 @@ def test_study_flags_long_caption_and_goes_on(tmp_path, cc_with_long_caption):
     assert pd.notna(rows.loc["1.jpg", "spearman"])
 
 
-def test_unknown_policy_is_refused():
-    from clip_xai.data.captions import check_policy
-
+def test_unknown_policy_is_refused_at_start_up(tmp_path):
     with pytest.raises(ClipXaiError, match="must be one of"):
-        check_policy("cut")
+        _run(tmp_path, ["dataset.on_long_caption=cut"])
+    assert not (tmp_path / "run" / "results.parquet").exists()
 
 
 def test_results_written_before_caption_flag_still_load_in_the_report(tmp_path):
