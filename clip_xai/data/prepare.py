@@ -82,12 +82,12 @@ def _remotes(src: Source, opts: Options) -> list[Remote]:
     return out
 
 
-def _obtain(src: Source, root: Path, opts: Options) -> tuple[list[Path], list[Path]]:
-    """(archive paths in ``remotes`` order, the ones this run downloaded): local ``--archive`` files
-    are matched by file name (a single archive matches a single download whatever its name)."""
+def _obtain(src: Source, root: Path, opts: Options) -> list[Path]:
+    """Archive paths in ``remotes`` order: local ``--archive`` files are matched by file name (a
+    single archive matches a single download whatever its name), the rest are downloaded."""
     remotes = _remotes(src, opts)
     local = {Path(a).name: Path(a) for a in opts.archives}
-    paths, downloaded = [], []
+    paths = []
     for r in remotes:
         given = local.get(r.fname) or (Path(opts.archives[0]) if len(opts.archives) == 1 == len(remotes) else None)
         if given is not None:
@@ -102,8 +102,7 @@ def _obtain(src: Source, root: Path, opts: Options) -> tuple[list[Path], list[Pa
         done = (root / DOWNLOADS / r.fname).is_file()
         print(f"{'reusing the finished download of' if done else 'downloading'} {r.url}")
         paths.append(fetch(r, root / DOWNLOADS, opts.progress))
-        downloaded.append(paths[-1])
-    return paths, downloaded
+    return paths
 
 
 def _find_dir(base: Path, match: Callable[[Path], bool], what: str) -> Path:
@@ -116,7 +115,7 @@ def _find_dir(base: Path, match: Callable[[Path], bool], what: str) -> Path:
 
 # -- RIVAL10 --------------------------------------------------------------------------------------
 def _build_rival10(src: Source, root: Path, opts: Options, stage: Staging) -> dict[str, Path]:
-    (zip_path,), _ = _obtain(src, root, opts)
+    (zip_path,) = _obtain(src, root, opts)
     unpack(zip_path, stage.dir / "x")
     top = _find_dir(stage.dir / "x", lambda d: (d / "test" / "ordinary").is_dir() or (d / "train" / "ordinary").is_dir(),
                     "RIVAL10/{train,test}/ordinary/")
@@ -125,7 +124,7 @@ def _build_rival10(src: Source, root: Path, opts: Options, stage: Staging) -> di
 
 # -- Flickr8k -------------------------------------------------------------------------------------
 def _build_flickr8k(src: Source, root: Path, opts: Options, stage: Staging) -> dict[str, Path]:
-    (images_zip, text_zip), _ = _obtain(src, root, opts)
+    images_zip, text_zip = _obtain(src, root, opts)
     unpack(images_zip, stage.dir / "images")
     unpack(text_zip, stage.dir / "text")
     images = _find_dir(stage.dir / "images", lambda d: d.name in ("Flicker8k_Dataset", "Flickr8k_Dataset"),
@@ -202,9 +201,10 @@ def _build_cc(src: Source, root: Path, opts: Options, stage: Staging) -> dict[st
     import pandas as pd
 
     _img2dataset_download()
-    (tsv,), _ = _obtain(src, root, opts)
+    (tsv,) = _obtain(src, root, opts)
     rows = _read_cc_tsv(tsv, opts.limit)
     table = root / DOWNLOADS / "urls.parquet"
+    table.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["caption", "url"]).to_parquet(table, index=False)
     print(f"fetching {len(rows):,} images with img2dataset into {root} (many CC URLs are dead: failures are expected)")
     run_img2dataset(table, root, opts.processes, opts.threads)
@@ -221,13 +221,19 @@ def _devkit_labels(devkit: Path, stage: Path) -> tuple[dict[int, str], dict[str,
     import scipy.io
 
     unpack(devkit, stage / "devkit", desc="unpacking the devkit")
-    data = _find_dir(stage / "devkit", lambda d: (d / "meta.mat").is_file(), "data/meta.mat")
+    data = _find_dir(stage / "devkit", lambda d: (d / "meta.mat").is_file()
+                     and (d / "ILSVRC2012_validation_ground_truth.txt").is_file(),
+                     "data/meta.mat with data/ILSVRC2012_validation_ground_truth.txt")
     synsets = scipy.io.loadmat(str(data / "meta.mat"), squeeze_me=True)["synsets"]
     leaves = [s for s in synsets if int(s["num_children"]) == 0]  # the 1000 classes (no parents)
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
     words = {str(s["WNID"]): str(s["words"]) for s in leaves}
-    truth = (data / "ILSVRC2012_validation_ground_truth.txt").read_text().split()
-    return {i + 1: id_to_wnid[int(t)] for i, t in enumerate(truth)}, words
+    truth = [int(t) for t in (data / "ILSVRC2012_validation_ground_truth.txt").read_text().split()]
+    unknown = sorted(set(truth) - set(id_to_wnid))
+    if unknown:
+        raise ClipXaiError(f"the devkit's ground truth uses class ids {unknown[:5]} that meta.mat does not define",
+                           "pass the official ILSVRC2012_devkit_t12.tar.gz")
+    return {i + 1: id_to_wnid[t] for i, t in enumerate(truth)}, words
 
 
 def _loc_labels(csv_path: Path) -> dict[int, str]:
@@ -236,7 +242,11 @@ def _loc_labels(csv_path: Path) -> dict[int, str]:
 
     out = {}
     with csv_path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
+            raise ClipXaiError(f"{csv_path} has columns {reader.fieldnames}, expected ImageId,PredictionString",
+                               "pass Kaggle's LOC_val_solution.csv (ImageNet Object Localization Challenge)")
+        for row in reader:
             out[_val_index(row["ImageId"])] = row["PredictionString"].split()[0]
     return out
 
