@@ -284,6 +284,7 @@ def test_rival10_prepare_from_local_zip_and_verify_finds_problems(tmp_path, caps
     assert main(["prepare", "rival10", "--root", str(root), "--archive", str(archive), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "University of Maryland" in out and "not published" in out
+    assert f"sha256 of {archive.name}: {hashlib.sha256(data).hexdigest()}" in out
     assert archive.is_file()  # the user's own file is never deleted
     from clip_xai.data import Rival10Dataset
 

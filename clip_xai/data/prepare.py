@@ -102,6 +102,11 @@ def _obtain(src: Source, root: Path, opts: Options) -> list[Path]:
         done = (root / DOWNLOADS / r.fname).is_file()
         print(f"{'reusing the finished download of' if done else 'downloading'} {r.url}")
         paths.append(fetch(r, root / DOWNLOADS, opts.progress))
+    for r, path in zip(remotes, paths):
+        if r.known_hash is None:  # no official checksum: record what was used, for comparing copies later
+            import pooch
+
+            print(f"sha256 of {path.name}: {pooch.file_hash(str(path))} (no official checksum is published)")
     return paths
 
 
