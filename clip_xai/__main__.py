@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from clip_xai.config import build, check_precision, pick_device, register_resolvers
+from clip_xai.data.captions import check_policy
+from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import CONFIG_FILE
 
@@ -55,6 +57,8 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
     perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None
+    check_policy(str(cfg.dataset.get("on_long_caption", "skip")))
+    preflight(str(cfg.dataset.name), cfg.dataset.get("root"))  # cheap root check; names `verify` if it looks wrong
     dataset = build(cfg, "dataset")
     model = build(cfg, "model").to(device)
     metrics = build(cfg, "metrics")
@@ -70,6 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                      metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
                      num_workers=_workers(cfg.num_workers, device), precision=str(cfg.precision),
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
+                     on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")),
                      cache=cache_for(cfg, device, study.name))
     try:
         summary = study.run(ctx)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from clip_xai.errors import ClipXaiError
 
 # Keys that describe a config entry but are not constructor arguments.
-META_KEYS = {"model": ("image_size",), "dataset": ("name",), "perturbation": (), "metrics": ("name",),
+META_KEYS = {"model": ("image_size",), "dataset": ("name", "on_long_caption"), "perturbation": (), "metrics": ("name",),
              "study": (), "explainer": (), "logger": ()}
 
 

@@ -23,6 +23,7 @@ SENSITIVITY_COLUMNS = ID_COLUMNS + [
     "perturbation", "eps", "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
     "map_flag",  # "" if both maps are usable, else "constant_clean", "nan_pert", ... (metrics are NaN)
+    "caption_flag",  # "" or "caption_truncated" (dataset.on_long_caption=truncate: `caption` is the text used)
 ]
 
 # Faithfulness rows: one per sample. conf_drop_* lower is better, conf_incr_* higher is better,
@@ -31,8 +32,11 @@ FAITHFULNESS_COLUMNS = ID_COLUMNS + [
     "sim_orig",
     "conf_drop_image", "conf_incr_image", "conf_drop_text", "conf_incr_text",
     "road", "road_morf", "road_lerf",
-    "map_flag",
+    "map_flag", "caption_flag",
 ]
+
+# Columns added after the first release, with the value older results.parquet files imply.
+OPTIONAL_COLUMNS = {"caption_flag": ""}
 
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {

@@ -1,4 +1,7 @@
-"""Datasets yielding CLIP-preprocessed [0,1] images with captions, labels and optional object masks."""
+"""Datasets yielding CLIP-preprocessed [0,1] images with captions, labels and optional object masks.
+
+Getting the real datasets: ``python -m clip_xai.data prepare|verify NAME`` (`prepare`, `verify`).
+"""
 from clip_xai.data.base import ImageCaptionDataset, PinnableBatch, Record, collate, make_loader, subset_indices
 from clip_xai.data.conceptual_captions import ConceptualCaptionsDataset
 from clip_xai.data.flickr8k import Flickr8kDataset

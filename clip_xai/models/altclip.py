@@ -329,8 +329,7 @@ class AltClipAdapter(ClipAdapter):
         its batch mates; padding to the batch's longest caption would not.
         """
         tok = self._tokenizer
-        lengths = [len(ids) for ids in tok(list(captions), verbose=False)["input_ids"]]
-        too_long = [c for c, n in zip(captions, lengths) if n > self.context_length]
+        too_long = [c for c, n in zip(captions, self.token_lengths(captions)) if n > self.context_length]
         if too_long:
             raise ClipXaiError(
                 f"caption too long for the {self.context_length}-token AltCLIP context: {too_long[0][:80]!r}",
@@ -339,6 +338,9 @@ class AltClipAdapter(ClipAdapter):
         enc = tok(list(captions), padding="max_length", max_length=self.context_length, return_tensors="pt")
         tokens = self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         return replace(tokens, texts=tuple(captions))
+
+    def token_lengths(self, captions: list[str]) -> list[int]:
+        return [len(ids) for ids in self._tokenizer(list(captions), verbose=False)["input_ids"]]  # with <s>, </s>
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Pool at position 0 (``<s>``); content = positions 1 .. first ``</s>`` − 1 that are attended.

@@ -234,6 +234,11 @@ class ClipAdapter(nn.Module):
     def tokenize(self, captions: list[str]) -> TextTokens:
         raise NotImplementedError
 
+    def token_lengths(self, captions: list[str]) -> list[int]:
+        """Tokens per caption including the start/end tokens; ``tokenize`` refuses any above
+        ``context_length`` (the study's long-caption policy checks this first)."""
+        raise NotImplementedError
+
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Recompute pooling position and content mask for (possibly edited) ids."""
         raise NotImplementedError

@@ -167,9 +167,12 @@ class OpenClipAdapter(ClipAdapter):
         self.mask_token_id = 0  # CLIP BPE id 0 ("!") is what M2IB writes into dropped tokens
         self.pad_id = 0
 
+    def token_lengths(self, captions: list[str]) -> list[int]:
+        return [len(self._tokenizer.encode(c)) + 2 for c in captions]  # + start/end of text
+
     def tokenize(self, captions: list[str]) -> TextTokens:
         tok = self._tokenizer
-        too_long = [c for c in captions if len(tok.encode(c)) + 2 > self.context_length]
+        too_long = [c for c, n in zip(captions, self.token_lengths(captions)) if n > self.context_length]
         if too_long:
             raise ClipXaiError(
                 f"caption too long for the {self.context_length}-token context: {too_long[0][:80]!r}",

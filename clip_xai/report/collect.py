@@ -14,7 +14,7 @@ import yaml
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import (CONFIG_FILE, DONE_FILE, EXAMPLES_FILE, FAITHFULNESS_COLUMNS, HIGHER_IS_BETTER,
-                             RESULTS_FILE, SENSITIVITY_COLUMNS)
+                             OPTIONAL_COLUMNS, RESULTS_FILE, SENSITIVITY_COLUMNS)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def load_run(run_dir: Path, sweep: Path | None = None) -> pd.DataFrame:
     if len(df) and "study" not in df.columns:
         raise ClipXaiError(f"{run_dir / RESULTS_FILE} has no 'study' column, so it is not a clip-xai result",
                            "remove it from the report dirs or re-run it with clip-xai")
+    df = df.assign(**{c: v for c, v in OPTIONAL_COLUMNS.items() if c not in df.columns})  # older runs
     for study in df["study"].unique() if len(df) else []:
         if study not in STUDY_COLUMNS:
             raise ClipXaiError(f"run {run_dir} has rows of unknown study {study!r} (known: {sorted(STUDY_COLUMNS)})",

@@ -59,7 +59,9 @@ class ResultsWriter:
             "rows": int(len(f)),
             "samples": int(f["sample_id"].nunique()) if len(f) else 0,
             "bad_images": int((flags == "bad_image").sum()),
-            "flagged_maps": int(((flags != "") & (flags != "bad_image")).sum()),
+            "long_captions": int((flags == "caption_too_long").sum()),
+            "truncated_captions": int((f["caption_flag"] == "caption_truncated").sum()) if "caption_flag" in f else 0,
+            "flagged_maps": int((~flags.isin(["", "bad_image", "caption_too_long"])).sum()),
             "flags": {k: int(v) for k, v in flags[flags != ""].value_counts().items()},
             "nan_metrics": nans,
         }

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from clip_xai.config import precision_scope, sample_seed
 from clip_xai.data import make_loader
+from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import EXAMPLES_FILE
 from clip_xai.sinks.results import ResultsWriter
@@ -46,6 +47,7 @@ class RunContext:
     perturbation: object | None = None
     cache: object | None = None
     sink: object | None = None
+    on_long_caption: str = "skip"  # skip | truncate | error (clip_xai.data.captions)
     stats: dict = field(default_factory=lambda: {"oom_splits": 0})
     examples_left: int = field(init=False)  # examples.npz slots still open; studies skip the rest
 
@@ -87,6 +89,7 @@ class Study:
             raise ClipXaiError(f"study={self.name} needs metrics={self.metrics_suite}",
                                f"add metrics={self.metrics_suite} to the command line")
         ctx.explainer.check_model(ctx.model)
+        check_policy(ctx.on_long_caption)
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         """Rows for one batch plus example arrays (name → (k, ...) numpy) for examples.npz, for the
@@ -119,13 +122,20 @@ class Study:
         progress = tqdm(total=len(todo), desc=f"{ctx.ids['explainer']}", unit="sample", leave=False)
         for batch, _, skipped in loader:
             rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
+            fitted = fit_captions(ctx.model, batch, ctx.on_long_caption) if len(batch) else None
+            if fitted is not None:
+                batch = fitted.batch
+                rows += [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, TOO_LONG)
+                         for sid in fitted.too_long]
             if len(batch):
                 new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
                 rows += new_rows
                 self._collect_examples(examples, ex, ctx.save_examples)
                 ctx.examples_left = ctx.save_examples - sum(len(v) for v in examples.get("sample_id", []))
+            for row in rows:
+                row["caption_flag"] = TRUNCATED if fitted is not None and row["sample_id"] in fitted.truncated else ""
             writer.append(rows)
-            progress.update(len(batch) + len(skipped))
+            progress.update(len(batch) + len(skipped) + (len(fitted.too_long) if fitted is not None else 0))
         progress.close()
         elapsed = time.perf_counter() - start
         if examples and not (ctx.run_dir / EXAMPLES_FILE).exists():
