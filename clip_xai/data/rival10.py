@@ -95,6 +95,8 @@ class Rival10Dataset(ImageCaptionDataset):
     RIVAL10 source synsets are ignored with a warning. `classnames` follows RIVAL10_CLASSES.
     """
 
+    has_masks = True  # the localisation study needs object masks (checked at start-up)
+
     def __init__(
         self,
         root: str | Path,
