@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
-
-from clip_xai.report import figures, stats, tables
+from clip_xai.report import stats, tables
+from clip_xai.report.bands import band_grid
 from clip_xai.schema import HIGHER_IS_BETTER, LOCALISATION_METRICS
 
 COMPLEXITY = ["sparseness", "complexity"]
@@ -58,22 +57,13 @@ def curves(summary: pd.DataFrame, out_dir: Path, name: str = "localisation_vs_ep
     """Each metric's mean and CI band against ε (clean at ε = 0), one curve per method."""
     d = summary[summary["metric"].isin(LOCALISATION_METRICS)].copy()
     d["eps"] = d["eps"].fillna(0.0).astype(float)
+
+    def label(ax, key, metric, _):
+        ax.set_title(f"{LABELS[metric]}\n{' · '.join(map(str, key))}", fontsize=9)
+        ax.set_xlabel("ε (0 = clean)")
+
     metrics = [m for m in LOCALISATION_METRICS if m in set(d["metric"])]
-    methods = sorted(d["method"].unique())
-    pal = figures._palette(methods)
-    groups = list(d.groupby(SETTING, sort=True, dropna=False))
-    with sns.axes_style("whitegrid"):
-        fig, axes = figures._figure(len(groups), len(metrics), 3.4, 3.0)
-        for i, (setting, s) in enumerate(groups):
-            for j, metric in enumerate(metrics):
-                ax, m = axes[i, j], s[s["metric"] == metric].sort_values("eps")
-                for method, g in m.groupby("method"):
-                    ax.fill_between(g["eps"], g["lo"], g["hi"], color=pal[method], alpha=0.2, linewidth=0)
-                    ax.plot(g["eps"], g["mean"], marker="o", color=pal[method], label=method)
-                ax.set_title(f"{LABELS[metric]}\n{' · '.join(map(str, setting))}", fontsize=9)
-                ax.set_xlabel("ε (0 = clean)")
-        axes[0, -1].legend(fontsize=7, loc="best")
-    return figures.save(fig, out_dir, name)
+    return band_grid(d, SETTING, metrics, "eps", out_dir, name, label)
 
 
 def section(r, loc: pd.DataFrame, n_boot: int, seed: int) -> None:

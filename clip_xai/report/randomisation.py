@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import seaborn as sns
 
-from clip_xai.report import figures, stats, tables
+from clip_xai.report import stats, tables
+from clip_xai.report.bands import band_grid
 
 METRICS = {"rand_spearman": "Spearman ρ", "rand_ssim": "SSIM", "rand_topk": "Top-K intersection"}
 SETTING = ["dataset", "model", "tower"]
@@ -35,26 +35,17 @@ def summary(rnd: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
 
 def figure(s: pd.DataFrame, out_dir: Path, name: str = "randomisation") -> list[Path]:
     """Rows = setting × mode, columns = similarity measures; x = randomised block (top down)."""
+
+    def label(ax, key, metric, d):
+        ticks = d.drop_duplicates("x").sort_values("x")
+        ax.set_xticks(ticks["x"], ticks["state"], rotation=90, fontsize=7)
+        ax.set_ylim(min(-0.05, float(d["mean"].min()) - 0.05), 1.05)
+        ax.axhline(0, color="0.6", linewidth=0.8)
+        ax.set_title(f"{METRICS[metric]} · {key[-1]}\n{' · '.join(map(str, key[:-1]))}", fontsize=9)
+        ax.set_xlabel("randomised block (top → bottom)" if key[-1] == "cascading" else "randomised block")
+
     metrics = [m for m in METRICS if m in set(s["metric"])]
-    methods = sorted(s["method"].unique())
-    pal = figures._palette(methods)
-    groups = list(s.groupby([*SETTING, "mode"], sort=True, dropna=False))
-    with sns.axes_style("whitegrid"):
-        fig, axes = figures._figure(len(groups), len(metrics), 4.2, 3.0)
-        for i, (key, g) in enumerate(groups):
-            for j, metric in enumerate(metrics):
-                ax, d = axes[i, j], g[g["metric"] == metric].sort_values("x")
-                for method, c in d.groupby("method"):
-                    ax.fill_between(c["x"], c["lo"], c["hi"], color=pal[method], alpha=0.2, linewidth=0)
-                    ax.plot(c["x"], c["mean"], marker="o", color=pal[method], label=method)
-                ticks = d.drop_duplicates("x").sort_values("x")
-                ax.set_xticks(ticks["x"], ticks["state"], rotation=90, fontsize=7)
-                ax.set_ylim(min(-0.05, float(d["mean"].min()) - 0.05), 1.05)
-                ax.axhline(0, color="0.6", linewidth=0.8)
-                ax.set_title(f"{METRICS[metric]} · {key[-1]}\n{' · '.join(map(str, key[:-1]))}", fontsize=9)
-                ax.set_xlabel("randomised block (top → bottom)" if key[-1] == "cascading" else "randomised block")
-        axes[0, -1].legend(fontsize=7, loc="best")
-    return figures.save(fig, out_dir, name)
+    return band_grid(s, [*SETTING, "mode"], metrics, "x", out_dir, name, label, width=4.2)
 
 
 def table(s: pd.DataFrame) -> tuple[pd.DataFrame, str]:
