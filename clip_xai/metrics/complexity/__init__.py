@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import entropy as _entropy_mod
 from . import sparseness as _sparseness_mod
-from .entropy import complexity, max_complexity
+from .entropy import complexity
 from .sparseness import sparseness
 
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -22,7 +22,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "complexity": _entropy_mod.HIGHER_IS_BETTER,
 }
 
-__all__ = ["HIGHER_IS_BETTER", "complexity", "complexity_columns", "column_names", "max_complexity", "sparseness"]
+__all__ = ["HIGHER_IS_BETTER", "complexity", "complexity_columns", "column_names", "sparseness"]
 
 
 def column_names(suffix: str = "") -> list[str]:

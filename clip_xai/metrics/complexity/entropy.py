@@ -3,8 +3,6 @@ and aggregating feature-based model explanations", IJCAI). Lower = less complex 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -28,8 +26,3 @@ def complexity(maps: Tensor, valid: Tensor | None = None) -> Tensor:
     h = -torch.special.xlogy(p, p).sum(dim=1)
     bad = (total[:, 0] == 0) | torch.isnan(maps.reshape(maps.shape[0], -1)).any(dim=1).to(x.device) | (m.sum(1) == 0)
     return h.masked_fill(bad, float("nan"))
-
-
-def max_complexity(n: int) -> float:
-    """The largest possible value for a map of ``n`` entries (a uniform map): ln n."""
-    return math.log(n)
