@@ -63,31 +63,30 @@ def test_randomise_restores_on_error(tiny):
 
 
 def _run(tmp_path, *overrides: str) -> pd.DataFrame:
-    cfg = compose_cfg(["model=tiny", "study=randomisation", "dataset=sample", "dataset.limit=2", "logger=none",
+    cfg = compose_cfg(["model=tiny", "study=randomisation", "dataset=sample", "dataset.limit=1", "logger=none",
                        f"output_root={tmp_path}", "device=cpu", *overrides])
     run(cfg, tmp_path / "run", None, "test")
     return pd.read_parquet(tmp_path / "run" / "results.parquet")
 
 
-@pytest.mark.parametrize("explainer", ["saliency", "gradcam"])
-def test_sanity_rows_image(tmp_path, explainer):
-    df = _run(tmp_path, f"explainer={explainer}", "study.modes=[cascading]")
+def test_sanity_rows_image(tmp_path):
+    df = _run(tmp_path, "explainer=saliency", "study.modes=[cascading]")
     assert list(df.columns) == RANDOMISATION_COLUMNS
-    assert len(df) == 2 * 13 and set(df["tower"]) == {"vision"}
+    assert len(df) == 13 and set(df["tower"]) == {"vision"}
     none = df[df["randomisation"] == "none"]
     assert (none[["rand_spearman", "rand_ssim", "rand_topk"]] == 1.0).all().all()  # nothing randomised
     np.testing.assert_allclose(none["sim_rand"], none["sim_orig"], atol=1e-6)
     full = df[(df["randomisation"] == "cascading") & (df["n_randomised"] == 12)]
-    assert len(full) == 2 and (full["block"] == 0).all()
+    assert len(full) == 1 and (full["block"] == 0).all()
     assert (full["rand_spearman"] < 0.9).all() and (full["rand_ssim"] < 0.9).all()  # the map depends on the weights
     cascade = df[df["randomisation"] == "cascading"].sort_values("n_randomised")
-    assert cascade["n_randomised"].tolist() == sorted([*range(1, 13)] * 2)
+    assert cascade["n_randomised"].tolist() == [*range(1, 13)]
     assert (df["map_flag"] == "").all()
 
 
 def test_sanity_rows_text(tmp_path):
     df = _run(tmp_path, "explainer=saliency", "explainer.modality=text", "study.modes=[independent]")
-    assert set(df["tower"]) == {"text"} and len(df) == 2 * 13
+    assert set(df["tower"]) == {"text"} and len(df) == 13
     none = df[df["randomisation"] == "none"]
     assert (none["rand_spearman"] == 1.0).all() and none["rand_ssim"].isna().all()
     assert df["rand_topk"].notna().all() and df["sparseness_rand"].notna().all()
@@ -96,11 +95,14 @@ def test_sanity_rows_text(tmp_path):
 
 @pytest.mark.slow
 def test_cli_randomisation(tmp_path):
+    """The real entrypoint on the HF backend, with Grad-CAM (a second gradient method)."""
     res = run_cli(["model=altclip_tiny", "study=randomisation", "dataset=sample", "dataset.limit=1",
-                   "explainer=chefer", "logger=none", f"output_root={tmp_path}", "name=rnd"])
+                   "explainer=gradcam", "logger=none", f"output_root={tmp_path}", "name=rnd"])
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = list((tmp_path / "rnd").rglob("results.parquet"))
     df = pd.read_parquet(path)
     assert len(df) == 1 + 2 * 12 and set(df["randomisation"]) == {"none", "cascading", "independent"}
     summary = pd.read_json(path.parent / "summary.json", typ="series")
-    assert summary["randomisation"]["curves"]["none"]["-1"]["rand_spearman"] == 1.0
+    curves = summary["randomisation"]["curves"]
+    assert curves["none"]["-1"]["rand_spearman"] == 1.0
+    assert curves["cascading"]["0"]["rand_spearman"] < 0.9 and curves["cascading"]["0"]["rand_ssim"] < 0.9

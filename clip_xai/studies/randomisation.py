@@ -79,19 +79,23 @@ class RandomisationStudy(Study):
         base = {"sim_orig": sim_orig, **complexity_columns(orig, valid=valid)}
         base = {k: v.double().cpu().tolist() for k, v in base.items()}
         labels = b.labels.tolist()
-        rows = []
-        for mode, blocks in self.states(rnd.n_layers):
+        states = self.states(rnd.n_layers)
+        per_state, flags = [], []
+        for _, blocks in states:
             with rnd.randomised(blocks):
                 maps, sim = self._maps(ctx, prep)
             scores = ctx.metrics(orig, maps, valid)
-            flags = scores.pop("map_flag")
-            scores.update(sim_rand=sim, **complexity_columns(maps, "rand", valid=valid))
-            cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
+            flags.append(scores.pop("map_flag"))
+            per_state.append({**scores, "sim_rand": sim, **complexity_columns(maps, "rand", valid=valid)})
+        # one host transfer for every state: (S, B) per column
+        cols = {k: torch.stack([st[k].double() for st in per_state]).cpu().tolist() for k in per_state[0]}
+        rows = []
+        for s, (mode, blocks) in enumerate(states):
             block = min(blocks) if blocks else -1
             rows += [
                 {**ctx.ids, "study": self.name, "sample_id": sid, "caption": cap, "label": labels[i],
                  "tower": rnd.tower_name, "randomisation": mode, "block": block, "n_randomised": len(blocks),
-                 **{k: v[i] for k, v in base.items()}, **{k: v[i] for k, v in cols.items()}, "map_flag": flags[i]}
+                 **{k: v[i] for k, v in base.items()}, **{k: v[s][i] for k, v in cols.items()}, "map_flag": flags[s][i]}
                 for i, (sid, cap) in enumerate(zip(b.sample_ids, b.captions))
             ]
         k = ctx.examples_left
