@@ -56,10 +56,11 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     torch.manual_seed(cfg.seed)
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
-    perturbation = build(cfg, "perturbation") if study.name == "sensitivity" else None
+    perturbation = build(cfg, "perturbation") if study.uses_perturbation else None
     check_policy(str(cfg.dataset.get("on_long_caption", "skip")))
     preflight(str(cfg.dataset.name), cfg.dataset.get("root"))  # cheap root check; names `verify` if it looks wrong
     dataset = build(cfg, "dataset")
+    study.check_data(dataset)
     model = build(cfg, "model").to(device)
     metrics = build(cfg, "metrics")
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,

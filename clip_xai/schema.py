@@ -2,7 +2,8 @@
 
 A run directory (one Hydra job) holds:
   config.yaml      the fully resolved job config (flattened with dots -> report columns)
-  results.parquet  one row per (sample, eps) for sensitivity, one per sample for faithfulness
+  results.parquet  one row per (sample, eps) for sensitivity and localisation, one per sample for
+                   faithfulness, one per (sample, randomised state) for randomisation
   summary.json     {"study", "means": {metric: mean}, "counts": {...}, "run": {...}}
   examples.npz     a few samples for qualitative figures (see EXAMPLE_ARRAYS)
   DONE             written last; a run dir without it is incomplete (crashed or still running)
@@ -22,6 +23,7 @@ ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", 
 SENSITIVITY_COLUMNS = ID_COLUMNS + [
     "perturbation", "eps", "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
+    "sparseness", "complexity", "sparseness_pert", "complexity_pert",  # of the clean / perturbed map
     "map_flag",  # "" if both maps are usable, else "constant_clean", "nan_pert", ... (metrics are NaN)
     "caption_flag",  # "" or "caption_truncated" (dataset.on_long_caption=truncate: `caption` is the text used)
 ]
@@ -32,6 +34,29 @@ FAITHFULNESS_COLUMNS = ID_COLUMNS + [
     "sim_orig",
     "conf_drop_image", "conf_incr_image", "conf_drop_text", "conf_incr_text",
     "road", "road_morf", "road_lerf",
+    "sparseness_image", "complexity_image", "sparseness_text", "complexity_text",
+    "map_flag", "caption_flag",
+]
+
+# Localisation rows: one per sample (per eps when a perturbation is given). The five metrics of the
+# clean map, then (NaN without a perturbation) of the perturbed map; mask_area = object pixel fraction.
+LOCALISATION_METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank", "mask_auroc"]
+LOCALISATION_COLUMNS = ID_COLUMNS + [
+    "mask", "mask_area", "perturbation", "eps",
+    *LOCALISATION_METRICS, *(f"{m}_pert" for m in LOCALISATION_METRICS),
+    "sparseness", "complexity", "sparseness_pert", "complexity_pert",
+    "map_flag",  # "empty_mask", "no_mask", "constant_clean", "nan_pert", ... (metrics NaN)
+    "caption_flag",
+]
+
+# Randomisation rows: one per sample x randomised state. randomisation = cascading (blocks from the
+# top down, block = the last one randomised, n_randomised of them) or independent (only `block`);
+# block -1 / n_randomised 0 = nothing randomised (the similarities must be 1). rand_* compare the
+# original map with the randomised model's map: lower = the map depends more on the weights.
+RANDOMISATION_COLUMNS = ID_COLUMNS + [
+    "tower", "randomisation", "block", "n_randomised", "sim_orig", "sim_rand",
+    "rand_spearman", "rand_ssim", "rand_topk",
+    "sparseness", "complexity", "sparseness_rand", "complexity_rand",
     "map_flag", "caption_flag",
 ]
 
@@ -44,6 +69,12 @@ HIGHER_IS_BETTER = {
     "conf_drop_image": False, "conf_incr_image": True,
     "conf_drop_text": False, "conf_incr_text": True,
     "road": True,
+    # complexity (every study with maps): sparser, less complex maps score better
+    "sparseness": True, "complexity": False,
+    "pointing_game": True, "energy_pointing_game": True, "relevance_mass": True, "relevance_rank": True,
+    "mask_auroc": True,
+    # randomisation: a map that passes the sanity check moves away from the original (towards 0)
+    "rand_spearman": False, "rand_ssim": False, "rand_topk": False,
 }
 
 # examples.npz arrays (n = study.save_examples, maps min-max normalised at image resolution):

@@ -76,6 +76,7 @@ def sens_rows(expl: str, eps: float, seed: int) -> pd.DataFrame:
     df = pd.DataFrame({**ident(expl, "sensitivity"), "perturbation": "gaussian", "eps": eps,
                        "sim_orig": 0.3, "sim_pert": 0.29, "sim_diff": rng.normal(-0.05, 0.02, N),
                        **{m: centred(rng, true_mean(expl, eps, m), valid) for m in OFFSET}, "map_flag": flag,
+                       "sparseness": 0.5, "complexity": 9.0, "sparseness_pert": 0.5, "complexity_pert": 9.0,
                        "caption_flag": ""})
     return df[SENSITIVITY_COLUMNS]
 
@@ -98,7 +99,8 @@ def faith_rows(expl: str, seed: int, mu: float) -> pd.DataFrame:
     df = pd.DataFrame({**ident(expl, "faithfulness"), "sim_orig": 0.3,
                        "conf_drop_image": centred(rng, mu, valid), "conf_incr_image": centred(rng, 20, valid),
                        "conf_drop_text": text, "conf_incr_text": text, "road": centred(rng, 0.4, valid),
-                       "road_morf": 0.2, "road_lerf": 0.6, "map_flag": "", "caption_flag": ""})
+                       "road_morf": 0.2, "road_lerf": 0.6, "map_flag": "", "sparseness_image": 0.5,
+                       "complexity_image": 9.0, "sparseness_text": 0.3, "complexity_text": 1.0, "caption_flag": ""})
     return df[FAITHFULNESS_COLUMNS]
 
 

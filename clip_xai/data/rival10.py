@@ -37,32 +37,65 @@ RIVAL10_ATTRIBUTES: list[str] = [
 _LAYOUT = "RIVAL10/{split}/ordinary/<wnid>_<id>.JPEG with <stem>_attr_dict.pkl / <stem>_merged_mask.JPEG beside it"
 
 
-def load_rival10_mask(stem_path: str, threshold: int = 0) -> np.ndarray | None:
-    """Object mask for one image: `entire-object` from the attr pickle, else merged mask > threshold, else None."""
+MASK_CHOICES = ("auto", "entire_object", "merged", *RIVAL10_ATTRIBUTES)
+
+
+def mask_choice(name: str) -> str:
+    """Validate ``dataset.mask`` / ``metrics.mask``; attribute names may use ``_`` for ``-``."""
+    key = str(name).replace("_", "-")
+    if key in ("entire-object", "auto", "merged"):
+        return key.replace("-", "_")
+    if key in RIVAL10_ATTRIBUTES:
+        return key
+    raise ClipXaiError(f"unknown RIVAL10 mask {name!r}",
+                       f"use mask=entire_object, merged or an attribute: {', '.join(RIVAL10_ATTRIBUTES)}")
+
+
+def _decode(entry) -> np.ndarray:
+    if isinstance(entry, (str, bytes)):
+        with Image.open(io.BytesIO(base64.b64decode(entry))) as m:
+            entry = np.asarray(m.convert("L"))
+    return np.asarray(entry) > 0
+
+
+def load_rival10_mask(stem_path: str, threshold: int = 0, which: str = "auto") -> np.ndarray | None:
+    """One image's mask, chosen by ``which`` (see :func:`mask_choice`).
+
+    ``auto``: `entire-object` from the attr pickle, else the merged mask > threshold, else None.
+    ``entire_object`` / an attribute: that entry of the attr pickle; ``merged``: the merged mask.
+    None when the file that holds the chosen mask is missing; an all-False mask when the pickle
+    has no entry for it (the attribute is absent from the image), which the localisation study
+    flags as ``empty_mask``.
+    """
     pkl, merged = Path(stem_path + "_attr_dict.pkl"), Path(stem_path + "_merged_mask.JPEG")
-    if pkl.is_file():
+    if which != "merged" and pkl.is_file():
         try:
             with pkl.open("rb") as f:
-                entry = pickle.load(f).get("entire-object")
-        except (pickle.UnpicklingError, AttributeError, ImportError, IndexError) as exc:
+                masks = pickle.load(f)
+        except (pickle.UnpicklingError, AttributeError, ImportError, IndexError, EOFError) as exc:
             raise ValueError(f"unreadable mask pickle {pkl}: {exc}") from exc
+        key = "entire-object" if which in ("auto", "entire_object") else which
+        entry = masks.get(key)
         if entry is not None:
-            if isinstance(entry, (str, bytes)):
-                with Image.open(io.BytesIO(base64.b64decode(entry))) as m:
-                    entry = np.asarray(m.convert("L"))
-            return np.asarray(entry) > 0
-    if merged.is_file():
+            return _decode(entry)
+        if which != "auto":
+            return np.zeros((1, 1), dtype=bool)  # resized to the image: no object pixels
+    if which in ("auto", "merged") and merged.is_file():
         with Image.open(merged) as m:
             return np.asarray(m.convert("L")) > threshold
     return None
 
 
 class Rival10Dataset(ImageCaptionDataset):
-    """RIVAL10 `ordinary` images with class label, prompt caption and `entire-object` mask when present.
+    """RIVAL10 `ordinary` images with class label, prompt caption and object mask when present.
 
-    `root` may be the `RIVAL10` folder or its parent. Images whose wnid is not one of the 20
+    `mask` picks the mask (:func:`mask_choice`: ``auto`` = `entire-object`, else the merged mask;
+    ``entire_object``; ``merged``; or an attribute such as ``wings``). `root` may be the `RIVAL10`
+    folder or its parent. Images whose wnid is not one of the 20
     RIVAL10 source synsets are ignored with a warning. `classnames` follows RIVAL10_CLASSES.
     """
+
+    has_masks = True  # the localisation study needs object masks (checked at start-up)
 
     def __init__(
         self,
@@ -70,12 +103,14 @@ class Rival10Dataset(ImageCaptionDataset):
         split: str = "test",
         prompt: str = "a photo of a {}",
         mask_threshold: int = 0,
+        mask: str = "auto",
         *,
         image_size: int = 224,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
     ):
+        self.mask = mask_choice(mask)
         base = resolve_root(root)
         folder = next((d for d in (base / split / "ordinary", base / "RIVAL10" / split / "ordinary") if d.is_dir()), None)
         if folder is None:
@@ -88,7 +123,7 @@ class Rival10Dataset(ImageCaptionDataset):
             if label is None:
                 unknown += 1
                 continue
-            mask = partial(load_rival10_mask, str(path.with_suffix("")), mask_threshold)
+            mask = partial(load_rival10_mask, str(path.with_suffix("")), mask_threshold, self.mask)
             records.append(Record(path.stem, path, prompt.format(RIVAL10_CLASSES[label]), label, mask))
         if unknown:
             log.warning("ignored %d image(s) in %s whose wnid is not a RIVAL10 class", unknown, folder)

@@ -77,6 +77,15 @@ class BlockOps:
 
     n_heads: int
 
+    @property
+    def module(self) -> nn.Module:
+        """The native block this wraps (its parameters are the block's weights): the one
+        ``nn.Module`` attribute of the subclass. Used by :mod:`clip_xai.models.randomise`."""
+        mods = [v for v in vars(self).values() if isinstance(v, nn.Module)]
+        if len(mods) != 1:
+            raise TypeError(f"{type(self).__name__} must wrap exactly one native module, found {len(mods)}")
+        return mods[0]
+
     def pre_attn(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -14,15 +14,18 @@ import yaml
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import (CONFIG_FILE, DONE_FILE, EXAMPLES_FILE, FAITHFULNESS_COLUMNS, HIGHER_IS_BETTER,
-                             OPTIONAL_COLUMNS, RESULTS_FILE, SENSITIVITY_COLUMNS)
+                             LOCALISATION_COLUMNS, OPTIONAL_COLUMNS, RANDOMISATION_COLUMNS, RESULTS_FILE,
+                             SENSITIVITY_COLUMNS)
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "multirun.yaml"  # Hydra writes it into the sweep dir of a --multirun
 REPORT_MARKER = ".clip_xai_report"  # written into report output dirs so they are never read as runs
-STUDY_COLUMNS = {"sensitivity": SENSITIVITY_COLUMNS, "faithfulness": FAITHFULNESS_COLUMNS}
+STUDY_COLUMNS = {"sensitivity": SENSITIVITY_COLUMNS, "faithfulness": FAITHFULNESS_COLUMNS,
+                 "localisation": LOCALISATION_COLUMNS, "randomisation": RANDOMISATION_COLUMNS}
 # Rows with the same values here, from different runs, describe the same measurement.
-ROW_KEY = ["study", "method", "sample_id", "dataset", "model", "perturbation", "eps", "seed"]
+ROW_KEY = ["study", "method", "sample_id", "dataset", "model", "perturbation", "eps", "seed",
+           "mask", "tower", "randomisation", "block"]  # (localisation / randomisation rows)
 RUN_FIX = "pass dirs that hold clip-xai runs (run dirs with results.parquet and DONE, or sweep dirs above them)"
 
 
@@ -193,7 +196,7 @@ def collect(dirs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> C
     df = _tidy_types(pd.concat(frames, ignore_index=True, sort=False))
     df["method"] = method_labels(df)
     df, dropped = _dedupe(df)
-    first = [c for c in dict.fromkeys([*SENSITIVITY_COLUMNS, *FAITHFULNESS_COLUMNS]) if c in df.columns]
+    first = [c for c in dict.fromkeys([c for cols in STUDY_COLUMNS.values() for c in cols]) if c in df.columns]
     cfg = sorted(c for c in df.columns if c.startswith("cfg."))
     rest = [c for c in df.columns if c not in first and c not in cfg]
     df = df[[*first, "method", *[c for c in rest if c != "method"], *cfg]]

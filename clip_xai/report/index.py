@@ -9,6 +9,8 @@ from typing import Iterable
 import pandas as pd
 
 from clip_xai.report import figures, stats, tables
+from clip_xai.report import localisation as localisation_report
+from clip_xai.report import randomisation as randomisation_report
 from clip_xai.report.collect import REPORT_MARKER, Collection, collect, example_index
 from clip_xai.schema import DONE_FILE
 
@@ -169,6 +171,13 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
     else:
         r.skipped.append("faithfulness tables: no faithfulness rows")
 
+    for study, section in (("localisation", localisation_report.section), ("randomisation", randomisation_report.section)):
+        rows = df[df["study"] == study]
+        if len(rows):
+            section(r, rows, n_boot, seed)
+        else:
+            r.skipped.append(f"{study} table and figure: no {study} rows")
+
     tabdir = out_dir / "tables"
     abl = tables.ablation(df)
     if abl is not None:
@@ -177,7 +186,8 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
                              "abm mean per metric with cfg.explainer.target_layer as rows, cfg.explainer.steps as columns"))
     else:
         r.skipped.append("ablation layer × T: no abm runs sweeping cfg.explainer.target_layer / cfg.explainer.steps")
-    tests, ranks = stats.paired_tests(df), stats.rank_table(df)
+    paired = df[df["study"] != "randomisation"]  # its rows are per randomised state: see its own figure
+    tests, ranks = stats.paired_tests(paired), stats.rank_table(paired)
     if len(tests):
         r.tables.append(Item("Paired tests", tables.write(tests, tables.wilcoxon_md(tests), tabdir, "wilcoxon",
                                                           "Paired method comparisons (Wilcoxon + Holm)"),

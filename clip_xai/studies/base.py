@@ -78,6 +78,7 @@ class Study:
     columns: list[str]
     metric_columns: list[str]
     metrics_suite: str
+    uses_perturbation: bool = False  # the entrypoint builds `perturbation` only for studies that use it
 
     def __init__(self, name: str):
         self.name = name
@@ -90,6 +91,9 @@ class Study:
                                f"add metrics={self.metrics_suite} to the command line")
         ctx.explainer.check_model(ctx.model)
         check_policy(ctx.on_long_caption)
+
+    def check_data(self, dataset) -> None:
+        """Validate the dataset right after it is built, before the model is loaded."""
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         """Rows for one batch plus example arrays (name → (k, ...) numpy) for examples.npz, for the

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from clip_xai.sinks.results import atomic_write
 
 # Dataset settings that select or order samples but do not change any sample's pixels.
-_NOT_AFFECTING = ("limit", "subset_seed", "on_bad_image", "name")
+_NOT_AFFECTING = ("limit", "subset_seed", "on_bad_image", "name", "mask")
 
 
 class CleanMapCache:
@@ -66,8 +66,9 @@ def cache_key(cfg: DictConfig, device_type: str) -> str:
 
 
 def cache_for(cfg: DictConfig, device: torch.device, study: str) -> CleanMapCache | None:
-    """The cache for this job, or None when disabled or useless (faithfulness computes one map)."""
-    if not cfg.get("cache", True) or study != "sensitivity":
+    """The cache for this job, or None when disabled or useless (faithfulness and randomisation
+    compute each map once). Localisation shares the sensitivity study's clean maps."""
+    if not cfg.get("cache", True) or study not in ("sensitivity", "localisation"):
         return None
     key = cache_key(cfg, torch.device(device).type)
     return CleanMapCache(Path(cfg.output_root) / ".cache" / f"{cfg.explainer.name}-{key}")

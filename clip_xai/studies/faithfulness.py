@@ -20,6 +20,7 @@ import numpy as np
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps, text_maps
+from clip_xai.metrics.complexity import column_names, complexity_columns
 from clip_xai.metrics.faithfulness.confidence import resolve_text_rule
 from clip_xai.schema import FAITHFULNESS_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
@@ -42,7 +43,7 @@ def with_modality(explainer, modality: str):
 class FaithfulnessStudy(Study):
     columns = FAITHFULNESS_COLUMNS
     metric_columns = ["conf_drop_image", "conf_incr_image", "conf_drop_text", "conf_incr_text",
-                      "road", "road_morf", "road_lerf", "sim_orig"]
+                      "road", "road_morf", "road_lerf", "sim_orig", *column_names("image"), *column_names("text")]
     metrics_suite = "faithfulness"
 
     def __init__(self, name: str = "faithfulness"):
@@ -74,6 +75,10 @@ class FaithfulnessStudy(Study):
             txt = text_maps(text_ex(model, prep.pixels, prep.tokens, prep.seeds).float(), prep.tokens.content_mask)
         scores = ctx.metrics(model, prep.pixels, prep.tokens, img, txt, seeds=prep.seeds)
         flags = scores.pop("map_flag")
+        if img is not None:
+            scores.update(complexity_columns(img, "image"))
+        if txt is not None:
+            scores.update(complexity_columns(txt, "text", valid=prep.tokens.content_mask))
         cols = {k: v.double().cpu().tolist() for k, v in scores.items() if k in self.columns}
         modality = "+".join(m for m, e in (("image", image_ex), ("text", text_ex)) if e is not None)
         b = prep.batch

@@ -12,14 +12,25 @@ import torch
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
+from clip_xai.metrics.complexity import column_names, complexity_columns
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 
 
+def clean_maps(ctx: RunContext, prep: Prepared) -> torch.Tensor:
+    """Raw clean maps of a batch, from the clean-map cache when the run has one."""
+    compute = lambda: ctx.explainer(ctx.model, prep.pixels, prep.tokens, prep.seeds)  # noqa: E731
+    if ctx.cache is None:
+        return compute()
+    return ctx.cache.get_or_compute(prep.batch.sample_ids, compute, ctx.device)
+
+
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
-    metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert"]
+    metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert",
+                      *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
+    uses_perturbation = True
 
     def __init__(self, name: str = "sensitivity"):
         super().__init__(name)
@@ -32,15 +43,9 @@ class SensitivityStudy(Study):
             raise ClipXaiError("study=sensitivity compares image maps; explainer.modality=text has none to compare",
                                "use explainer.modality=image, or study=faithfulness for text maps")
 
-    def clean_maps(self, ctx: RunContext, prep: Prepared) -> torch.Tensor:
-        compute = lambda: ctx.explainer(ctx.model, prep.pixels, prep.tokens, prep.seeds)  # noqa: E731
-        if ctx.cache is None:
-            return compute()
-        return ctx.cache.get_or_compute(prep.batch.sample_ids, compute, ctx.device)
-
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         model, explainer = ctx.model, ctx.explainer
-        clean_raw = self.clean_maps(ctx, prep)
+        clean_raw = clean_maps(ctx, prep)
         pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens)
         pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
         with torch.no_grad():  # one text forward, one image forward for clean and perturbed
@@ -51,6 +56,7 @@ class SensitivityStudy(Study):
         clean, pert = image_maps(clean_raw.float(), size), image_maps(pert_raw.float(), size)
         scores = ctx.metrics(clean, pert, s_orig, s_pert)
         flags = scores.pop("map_flag")
+        scores.update(complexity_columns(clean), **complexity_columns(pert, "pert"))
         cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
         cols["sim_orig"], cols["sim_pert"] = s_orig.double().cpu().tolist(), s_pert.double().cpu().tolist()
         b = prep.batch

@@ -1,0 +1,30 @@
+"""A grid of mean-with-CI-band curves, one curve per method (the localisation and randomisation figures)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import seaborn as sns
+
+from clip_xai.report import figures
+
+
+def band_grid(summary: pd.DataFrame, group_by: list[str], metrics: list[str], x: str, out_dir: Path, name: str,
+              label: Callable, width: float = 3.4) -> list[Path]:
+    """Rows = groups of ``group_by``, columns = ``metrics``; each panel plots ``mean`` against ``x`` per
+    method with its ``lo``–``hi`` band. ``label(ax, key, metric, panel_frame)`` titles and labels a panel."""
+    methods = sorted(summary["method"].unique())
+    pal = figures._palette(methods)
+    groups = list(summary.groupby(group_by, sort=True, dropna=False))
+    with sns.axes_style("whitegrid"):
+        fig, axes = figures._figure(len(groups), len(metrics), width, 3.0)
+        for i, (key, g) in enumerate(groups):
+            for j, metric in enumerate(metrics):
+                ax, d = axes[i, j], g[g["metric"] == metric].sort_values(x)
+                for method, c in d.groupby("method"):
+                    ax.fill_between(c[x], c["lo"], c["hi"], color=pal[method], alpha=0.2, linewidth=0)
+                    ax.plot(c[x], c["mean"], marker="o", color=pal[method], label=method)
+                label(ax, key if isinstance(key, tuple) else (key,), metric, d)
+        axes[0, -1].legend(fontsize=7, loc="best", title="method (95% CI)", title_fontsize=7)
+    return figures.save(fig, out_dir, name)
