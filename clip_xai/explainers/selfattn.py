@@ -19,6 +19,7 @@ from clip_xai.types import TextTokens
 
 class SelfAttention(Explainer):
     modalities = frozenset({"image", "text"})
+    requires = {"*": frozenset({"attention", "pooled_token"})}
 
     def __init__(self, name: str = "selfattn", modality: str = "image", heads: str = "single", layer: int = -1):
         super().__init__(name, modality)
