@@ -198,8 +198,8 @@ class OpenClipText(Tower):
     """open_clip text transformer: tokens + pos → blocks → ln_final[pool] → projection.
 
     ``src`` is the CLIP model itself (its text attributes live on it) or ``CustomTextCLIP.text``.
-    The attention bias is the causal mask (None for bidirectional towers) plus, for towers with
-    ``use_pad_mask``, a (B,1,1,N) mask on padding keys.
+    The attention bias is the causal mask, or None for bidirectional towers (CLIPA, SigLIP text).
+    open_clip 3.x configs cannot turn on its ``use_pad_mask``; such a tower is refused.
     """
 
     def __init__(self, model: nn.Module):
@@ -219,20 +219,16 @@ class OpenClipText(Tower):
         if self.pool_type not in ("argmax", "eos", "first", "last"):
             raise ClipXaiError(f"open_clip text pool_type={self.pool_type!r} gives no text embedding",
                                "use a text config with pool_type argmax, eos, first or last")
-        self.causal = src.attn_mask is not None
-        self.use_pad_mask = bool(getattr(src, "use_pad_mask", False))
+        if getattr(src, "use_pad_mask", False):
+            raise ClipXaiError("open_clip text towers with a padding mask are not supported",
+                               "use a causal or plain bidirectional text tower")
         self.pad_id = int(getattr(src, "pad_id", 0))
 
     def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
         m = self.src
         n = tokens.ids.shape[1]
         x = m.token_embedding(tokens.ids) + m.positional_embedding[:n]
-        bias = None if m.attn_mask is None else m.attn_mask[:n, :n].to(x.dtype)
-        if self.use_pad_mask:
-            pad = torch.zeros(tokens.ids.shape, dtype=x.dtype, device=x.device)
-            pad = pad.masked_fill(tokens.ids.eq(self.pad_id), float("-inf"))[:, None, None, :]
-            bias = pad if bias is None else bias + pad
-        return x, bias
+        return x, None if m.attn_mask is None else m.attn_mask[:n, :n].to(x.dtype)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
