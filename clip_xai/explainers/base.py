@@ -94,10 +94,11 @@ class Explainer:
         tower = tower_for(model, self.modality)
         lacking = sorted(self.requirements() - tower.provides)
         if lacking:
-            what = "; ".join(f"{c} = {CAPABILITIES[c]} ({tower.missing.get(c, 'not provided')})" for c in lacking)
+            what = "; ".join(f"{c} ({CAPABILITIES[c]})" for c in lacking)
+            why = "; ".join(dict.fromkeys(tower.missing.get(c, "it does not provide it") for c in lacking))
             raise ClipXaiError(
                 f"explainer {self.name} ({self.modality} maps) cannot run on model {model.name}: its "
-                f"{self.modality} tower lacks {', '.join(lacking)}: {what}",
+                f"{self.modality} tower lacks {what}; because {why}",
                 "use a class-token ViT CLIP for this method (e.g. model=vit_b16, model=open_clip "
                 "model.arch=ViT-L-14), or a method that needs only the embeddings (explainer=rise)",
             )

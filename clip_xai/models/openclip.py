@@ -178,7 +178,7 @@ class OpaqueVision(_PixelInput, Tower):
         self.blocks = []
         self.width = 0
         self._set_pixels(image_size, mean, std)
-        why = f"the image tower is a {kind}, run as one piece (no transformer blocks the engine can open)"
+        why = f"the image tower is a {kind}, run as one piece with no transformer blocks to open"
         self.missing = {cap: why for cap in CAPABILITIES}
 
     def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
