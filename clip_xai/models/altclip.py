@@ -26,23 +26,19 @@ pretrained AltCLIP weights.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, ClipAdapter, Tower
+from clip_xai.models.base import BlockOps, Tower
 from clip_xai.models.hf_clip import (
     OPENAI_MEAN,
     OPENAI_STD,
-    HfClipVision,
+    HfDualEncoder,
     as_int,
-    check_caption_lengths,
-    hf_source,
-    load_hf_model,
+    load_pretrained,
     merge_config,
-    processor_mean_std,
     random_model,
 )
 from clip_xai.types import TextTokens
@@ -165,7 +161,7 @@ def tiny_xlmr_tokenizer(model_max_length: int = ALTCLIP_CONTEXT):
         ) from err
 
 
-class AltClipAdapter(ClipAdapter):
+class AltClipAdapter(HfDualEncoder):
     """HF ``AltCLIPModel`` behind :class:`ClipAdapter`.
 
     ``pretrained``: True loads ``repo_id`` from the hub/cache (after a fail-fast offline check);
@@ -177,6 +173,7 @@ class AltClipAdapter(ClipAdapter):
     """
 
     text_mask_rule = "pad_attention"  # XLM-R id 0 is <s>: writing 0 would insert start tokens
+    family = "AltCLIP"
 
     def __init__(self, name: str, repo_id: str = "BAAI/AltCLIP", pretrained: bool | str = True, seed: int = 0,
                  cache_dir: str | None = None, config_overrides: dict | None = None):
@@ -193,23 +190,13 @@ class AltClipAdapter(ClipAdapter):
                 raise ClipXaiError(f"text vocab_size {cfg['text_config']['vocab_size']} is smaller than the "
                                    f"{len(tokenizer)}-piece test tokenizer", "leave text vocab_size unset")
             model = random_model(AltCLIPModel, AltCLIPConfig, cfg, seed)
-            self._processor = _make_processor(tokenizer, as_int(model.config.vision_config.image_size))
+            processor = _make_processor(tokenizer, as_int(model.config.vision_config.image_size))
         else:
-            if config_overrides:
-                raise ClipXaiError("config_overrides only apply to random AltCLIP models (pretrained=false)",
-                                   "drop config_overrides, or set pretrained=false")
-            source = hf_source("AltCLIP", repo_id, pretrained, cache_dir)
-            model = load_hf_model(AltCLIPModel, "AltCLIP", source, cache_dir)
-            self._processor, tokenizer = _load_processor(source, cache_dir, model)
-        mean, std = processor_mean_std(self._processor)
-        model.eval().requires_grad_(False)
-        self.model = model
-        self._tokenizer = tokenizer
-        self.vision = HfClipVision(model, mean, std)
-        self.text = AltClipText(model)
+            source, model = load_pretrained(AltCLIPModel, "AltCLIP", repo_id, pretrained, cache_dir,
+                                            config_overrides)
+            processor, tokenizer = _load_processor(source, cache_dir, model)
+        self._attach(model, processor, tokenizer, AltClipText(model))
         tcfg = model.config.text_config
-        self.image_size = self.vision.image_size
-        self.patch_size = as_int(model.config.vision_config.patch_size)
         self.pad_id = int(tcfg.pad_token_id)
         self.bos_id = int(tcfg.bos_token_id)
         self.eos_id = int(tcfg.eos_token_id)
@@ -218,22 +205,6 @@ class AltClipAdapter(ClipAdapter):
         max_tok = getattr(tokenizer, "model_max_length", ALTCLIP_CONTEXT) or ALTCLIP_CONTEXT
         # positions run pad+1 .. pad+L, so the position table bounds L too.
         self.context_length = int(min(ALTCLIP_CONTEXT, max_tok, tcfg.max_position_embeddings - self.pad_id - 1))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model and its processor/tokenizer so that ``pretrained=directory`` reloads them."""
-        self.model.save_pretrained(str(directory))
-        (self._processor or self._tokenizer).save_pretrained(str(directory))
-
-    def tokenize(self, captions: list[str]) -> TextTokens:
-        """``<s> caption </s>`` ids padded (pad id 1) to the fixed context length.
-
-        Fixed-length padding (as the AltCLIP processor does) keeps every text map independent of
-        its batch mates; padding to the batch's longest caption would not.
-        """
-        tok = self._tokenizer
-        check_caption_lengths(tok, captions, self.context_length, "AltCLIP")
-        enc = tok(list(captions), padding="max_length", max_length=self.context_length, return_tensors="pt")
-        return self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Pool at position 0 (``<s>``); content = positions 1 .. first ``</s>`` − 1 that are attended.

@@ -161,23 +161,25 @@ def merge_config(base: dict, overrides: dict | None) -> dict:
     return cfg
 
 
-def hf_source(family: str, repo_id: str, pretrained: bool | str, cache_dir: str | None) -> str:
-    """Where ``from_pretrained`` loads from: ``repo_id`` (after the offline fail-fast check) or a
-    local directory written by ``save_pretrained`` (which must exist)."""
+def load_pretrained(model_cls, family: str, repo_id: str, pretrained: bool | str, cache_dir: str | None,
+                    config_overrides: dict | None) -> tuple[str, nn.Module]:
+    """(source, model): ``model_cls.from_pretrained`` of ``repo_id`` (after the offline fail-fast
+    check) or of a local ``save_pretrained`` directory (which must exist), with eager attention
+    (so the native ``output_attentions`` works for cross-checks)."""
+    if config_overrides:
+        raise ClipXaiError(f"config_overrides only apply to random {family} models (pretrained=false)",
+                           "drop config_overrides, or set pretrained=false")
     if pretrained is True:
         ensure_reachable_hf(repo_id, cache_dir)
-        return repo_id
-    path = Path(str(pretrained)).expanduser()
-    if not path.is_dir():
-        raise ClipXaiError(f"{family} checkpoint directory {pretrained} does not exist",
-                           f"pass pretrained=true to load {repo_id}, or a directory written by save_pretrained")
-    return str(path)
-
-
-def load_hf_model(model_cls, family: str, source: str, cache_dir: str | None) -> nn.Module:
-    """``model_cls.from_pretrained`` with eager attention (native ``output_attentions`` for cross-checks)."""
+        source = repo_id
+    else:
+        path = Path(str(pretrained)).expanduser()
+        if not path.is_dir():
+            raise ClipXaiError(f"{family} checkpoint directory {pretrained} does not exist",
+                               f"pass pretrained=true to load {repo_id}, or a directory written by save_pretrained")
+        source = str(path)
     try:
-        return model_cls.from_pretrained(source, cache_dir=cache_dir, attn_implementation="eager")
+        return source, model_cls.from_pretrained(source, cache_dir=cache_dir, attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ClipXaiError(f"could not load {family} weights from {source}: {err}", OFFLINE_FIX) from err
 
@@ -234,7 +236,40 @@ def _clip_processor(tokenizer, image_size: int):
     return CLIPProcessor(image_processor=ip, tokenizer=tokenizer)
 
 
-class HfClipAdapter(ClipAdapter):
+class HfDualEncoder(ClipAdapter):
+    """What the transformers backends share: attaching a loaded model, saving, fixed-length tokenising.
+
+    Fixed-length padding (as the HF processors do) keeps every text map independent of its batch
+    mates; padding to the batch's longest caption would not.
+    """
+
+    family: str
+
+    def _attach(self, model: nn.Module, processor, tokenizer, text: Tower) -> None:
+        model.eval().requires_grad_(False)
+        self.model = model
+        self._processor = processor
+        self._tokenizer = tokenizer
+        mean, std = processor_mean_std(processor)
+        self.vision = HfClipVision(model, mean, std)
+        self.text = text
+        self.image_size = self.vision.image_size
+        self.patch_size = as_int(model.config.vision_config.patch_size)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model and its processor (or tokenizer) so that ``pretrained=directory`` reloads them."""
+        self.model.save_pretrained(str(directory))
+        (self._processor or self._tokenizer).save_pretrained(str(directory))
+
+    def tokenize(self, captions: list[str]) -> TextTokens:
+        """Start token, caption, end token, padded to the fixed context length."""
+        check_caption_lengths(self._tokenizer, captions, self.context_length, self.family)
+        enc = self._tokenizer(list(captions), padding="max_length", max_length=self.context_length,
+                              return_tensors="pt")
+        return self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+
+
+class HfClipAdapter(HfDualEncoder):
     """HF ``CLIPModel`` behind :class:`ClipAdapter`.
 
     ``pretrained``: True loads ``repo_id`` (hub id, after a fail-fast offline check); a string is
@@ -242,6 +277,8 @@ class HfClipAdapter(ClipAdapter):
     (:data:`TINY_CONFIG` updated with ``config_overrides``, weights seeded by ``seed``) with
     :func:`clip_bpe_tokenizer`.
     """
+
+    family = "CLIP"
 
     def __init__(self, name: str, repo_id: str = "openai/clip-vit-base-patch32", pretrained: bool | str = True,
                  seed: int = 0, cache_dir: str | None = None, config_overrides: dict | None = None):
@@ -257,44 +294,21 @@ class HfClipAdapter(ClipAdapter):
                 raise ClipXaiError(f"text vocab_size {cfg['text_config']['vocab_size']} differs from the "
                                    f"{len(tokenizer)}-id CLIP tokenizer", "leave text vocab_size at 49408")
             model = random_model(CLIPModel, CLIPConfig, cfg, seed)
-            self._processor = _clip_processor(tokenizer, as_int(cfg["vision_config"]["image_size"]))
+            processor = _clip_processor(tokenizer, as_int(cfg["vision_config"]["image_size"]))
         else:
-            if config_overrides:
-                raise ClipXaiError("config_overrides only apply to random CLIP models (pretrained=false)",
-                                   "drop config_overrides, or set pretrained=false")
-            source = hf_source("CLIP", repo_id, pretrained, cache_dir)
-            model = load_hf_model(CLIPModel, "CLIP", source, cache_dir)
+            source, model = load_pretrained(CLIPModel, "CLIP", repo_id, pretrained, cache_dir, config_overrides)
             try:
-                self._processor = AutoProcessor.from_pretrained(source, cache_dir=cache_dir)
+                processor = AutoProcessor.from_pretrained(source, cache_dir=cache_dir)
             except (OSError, ValueError, TypeError) as err:
                 raise ClipXaiError(f"no CLIP processor/tokenizer found with the weights in {source}: {err}",
                                    "save the processor next to the model (HfClipAdapter.save_pretrained)") from err
-            tokenizer = self._processor.tokenizer
-        model.eval().requires_grad_(False)
-        self.model = model
-        self._tokenizer = tokenizer
-        mean, std = processor_mean_std(self._processor)
-        self.vision = HfClipVision(model, mean, std)
-        self.text = HfClipText(model)
+            tokenizer = processor.tokenizer
+        self._attach(model, processor, tokenizer, HfClipText(model))
         tcfg = model.config.text_config
-        self.image_size = self.vision.image_size
-        self.patch_size = as_int(model.config.vision_config.patch_size)
         self.eos_id = int(tcfg.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
         self.mask_token_id = 0  # CLIP BPE id 0 ("!"), the M2IB protocol's dropped-token id, as on open_clip
         self.context_length = int(min(tcfg.max_position_embeddings, tokenizer.model_max_length or 77))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model and its processor so that ``pretrained=directory`` reloads them."""
-        self.model.save_pretrained(str(directory))
-        self._processor.save_pretrained(str(directory))
-
-    def tokenize(self, captions: list[str]) -> TextTokens:
-        """``<|startoftext|> caption <|endoftext|>`` padded to the fixed context (as the HF processor)."""
-        check_caption_lengths(self._tokenizer, captions, self.context_length, "CLIP")
-        enc = self._tokenizer(list(captions), padding="max_length", max_length=self.context_length,
-                              return_tensors="pt")
-        return self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Pool at the first EOS (HF: ``argmax`` of the ids for legacy ``eos_token_id == 2``);
@@ -318,8 +332,8 @@ def hf_clip_from_open_clip(oc_model: nn.Module):
     become the transposed projection Linears. Used by the cross-backend tests, and to load a local
     open_clip checkpoint through the HF code path.
     """
-    from transformers import CLIPConfig, CLIPModel
     from open_clip.transformer import QuickGELU
+    from transformers import CLIPConfig, CLIPModel
 
     v, t = oc_model.visual, oc_model
     ok = (getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", None) == "tok"
