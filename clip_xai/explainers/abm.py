@@ -47,6 +47,7 @@ class ABM(Explainer):
     """
 
     modalities = frozenset({"image", "text"})
+    requires = {"*": frozenset({"blocks"})}
     cpu_micro_batch = 4  # measured: 4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (README)
 
     def __init__(self, name: str = "abm", modality: str = "image", steps: int = 10, target_layer: int = 9,

@@ -6,7 +6,8 @@ work in pixel space (RISE, Surgery, Saliency, ...); text maps come back as per-t
 shared in :mod:`clip_xai.explainers.postprocess`, never done per method.
 
 A new method is one subclass + one yaml under ``conf/explainer/``: set ``modalities`` and
-implement ``explain_image`` and/or ``explain_text``, or ``explain`` when one body serves both.
+``requires`` and implement ``explain_image`` and/or ``explain_text``, or ``explain`` when one body
+serves both.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockRecord, ClipAdapter, Tower
+from clip_xai.models.base import CAPABILITIES, BlockRecord, ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
 MODALITIES = ("image", "text")
@@ -49,6 +50,11 @@ class Explainer:
     #: few samples, and a batch of 16 then runs slower per image than a batch of 1. Maps do not
     #: depend on batch composition, so splitting changes speed only.
     cpu_micro_batch: int | None = None
+    #: What the explained tower must provide (names from ``models.base.CAPABILITIES``), by
+    #: condition: ``"*"`` always, ``"image"``/``"text"`` for that modality, ``"attr=value"`` when
+    #: the setting ``attr`` is ``value``; ``&`` joins conditions. Checked at start-up, so a model
+    #: without them gets one clear error instead of a shape error mid-run.
+    requires: dict[str, frozenset[str]] = {}
 
     def __init__(self, name: str, modality: str = "image"):
         self.name = name
@@ -65,7 +71,40 @@ class Explainer:
     def check_model(self, model: ClipAdapter) -> None:
         """Raise ClipXaiError if this explainer cannot run on ``model`` (override when needed)."""
 
+    def requirements(self) -> frozenset[str]:
+        """The capabilities :attr:`requires` asks of the explained tower with these settings."""
+        def holds(cond: str) -> bool:
+            if cond == "*" or cond in MODALITIES:
+                return cond in ("*", self.modality)
+            attr, _, value = cond.partition("=")
+            return str(getattr(self, attr, None)) == value
+
+        need = set()
+        for conds, caps in self.requires.items():
+            if all(holds(c.strip()) for c in conds.split("&")):
+                need |= set(caps)
+        unknown = need - set(CAPABILITIES)
+        if unknown:
+            raise ClipXaiError(f"explainer {self.name} requires unknown capabilities {sorted(unknown)}",
+                               f"use names from clip_xai.models.base.CAPABILITIES: {sorted(CAPABILITIES)}")
+        return frozenset(need)
+
+    def check_requirements(self, model: ClipAdapter) -> None:
+        """One ClipXaiError naming the method, the model and what the explained tower lacks."""
+        tower = tower_for(model, self.modality)
+        lacking = sorted(self.requirements() - tower.provides)
+        if lacking:
+            what = "; ".join(f"{c} ({CAPABILITIES[c]})" for c in lacking)
+            why = "; ".join(dict.fromkeys(tower.missing.get(c, "it does not provide it") for c in lacking))
+            raise ClipXaiError(
+                f"explainer {self.name} ({self.modality} maps) cannot run on model {model.name}: its "
+                f"{self.modality} tower lacks {what}; because {why}",
+                "use a class-token ViT CLIP for this method (e.g. model=vit_b16, model=open_clip "
+                "model.arch=ViT-L-14), or a method that needs only the embeddings (explainer=rise)",
+            )
+
     def __call__(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
+        self.check_requirements(model)
         if seeds is None:
             seeds = torch.zeros(pixels.shape[0], dtype=torch.long)
         n = pixels.shape[0]

@@ -40,6 +40,7 @@ from clip_xai.types import TextTokens
 
 class GradECLIP(Explainer):
     modalities = frozenset({"image", "text"})
+    requires = {"*": frozenset({"attention", "pooled_token"})}
 
     def __init__(self, name: str = "eclip", modality: str = "image", single_head: bool = True, withksim: bool = True,
                  ksim_proj: bool = True, image_layers: int = 1, text_layers: int = 8, ksim_keys: str = "all"):

@@ -39,6 +39,7 @@ class M2IB(Explainer):
     """
 
     modalities = frozenset({"image", "text"})
+    requires = {"*": frozenset({"blocks"})}
     cpu_micro_batch = 4  # measured: 2-4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (README)
 
     def __init__(self, name: str = "m2ib", modality: str = "image", layer: int = 9, beta: float = 0.1,

@@ -33,6 +33,7 @@ from clip_xai.types import TextTokens
 
 class MaskCLIP(Explainer):
     modalities = frozenset({"image"})
+    requires = {"*": frozenset({"attention", "pooled_token", "token_head"})}
 
     def __init__(self, name: str = "maskclip", modality: str = "image", ksim: bool = True):
         super().__init__(name, modality)

@@ -49,6 +49,8 @@ class MFABA(_GradientExplainer):
     """
 
     variants = ("pixel", "attention", "embedding")
+    requires = {"text": frozenset({"blocks"}), "variant=attention": frozenset({"blocks"}),
+                "variant=embedding": frozenset({"blocks"})}
 
     def __init__(self, name: str = "mfaba", modality: str = "image", variant: str = "pixel", steps: int = 10,
                  alpha: float | None = None, update: str | None = None, reduce: str = "mean"):

@@ -144,6 +144,7 @@ class RISE(Explainer):
     """RISE saliency (see module docstring for the reference behaviour and the deviations)."""
 
     modalities = frozenset({"image", "text"})
+    requires = {"text": frozenset({"blocks"})}
 
     def __init__(self, name: str = "rise", modality: str = "image", n_masks: int = 2000, s: int = 8,
                  p1: float = 0.5, chunk: int | str = "auto", mask_seed: int | None = 0, n_masks_text: int = 200,

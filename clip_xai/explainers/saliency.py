@@ -100,6 +100,7 @@ def attention_map(s: Side, scores: Tensor) -> Tensor:
 
 class _GradientExplainer(Explainer):
     modalities = frozenset({"image", "text"})
+    requires = {"text": frozenset({"blocks"}), "variant=attention": frozenset({"attention", "pooled_token"})}
     variants = ("pixel", "attention")
 
     def __init__(self, name: str, modality: str, variant: str, reduce: str, layer: int):

@@ -24,6 +24,7 @@ from clip_xai.types import TextTokens
 
 class SelfAttention(Explainer):
     modalities = frozenset({"image", "text"})
+    requires = {"*": frozenset({"attention", "pooled_token"})}
 
     def __init__(self, name: str = "selfattn", modality: str = "image", heads: str = "single", layer: int = -1,
                  image_layers: int = 1, text_layers: int = 8):

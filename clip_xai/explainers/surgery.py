@@ -109,6 +109,7 @@ def surgery_tokens(tower: Tower, pixels: Tensor, surgery_layers: int) -> Tensor:
 
 class CLIPSurgery(Explainer):
     modalities = frozenset({"image"})
+    requires = {"*": frozenset({"attention", "pooled_token", "token_head"})}
 
     def __init__(self, name: str = "surgery", modality: str = "image", surgery_layers: int = 6,
                  redundant: str = "class_set", templates: str = "ensemble", caption_templates: bool = True,

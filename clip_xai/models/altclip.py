@@ -4,12 +4,8 @@ The towers recompute the native forward of ``transformers.AltCLIPModel`` block b
 native modules' own weights (see :mod:`clip_xai.models.base`). Every detail below follows the
 installed ``transformers/models/altclip/modeling_altclip.py`` (transformers 5.x):
 
-* Vision (``AltCLIPVisionModel``, a CLIP ViT): Conv2d patches (no bias) + class embedding +
-  learned positions → ``pre_layrnorm`` → pre-LN ``AltCLIPEncoderLayer`` blocks
-  (``x + out_proj(attn(layer_norm1 x))``; ``x + mlp(layer_norm2 x)``) with separate
-  ``q_proj``/``k_proj``/``v_proj`` → ``post_layernorm`` of the CLS token → ``visual_projection``.
-  HF multiplies q kᵀ by ``head_dim**-0.5`` inside the attention function; ``attend`` applies that
-  scale itself, so :meth:`AltClipVisionBlock.qkv` returns the *unscaled* q.
+* Vision (``AltCLIPVisionModel``): the CLIP ViT of ``CLIPModel``, run by the shared
+  :class:`~clip_xai.models.hf_clip.HfClipVision` (same module names, same forward).
 * Text (``AltCLIPTextModel``, XLM-R large in BAAI/AltCLIP): RoBERTa embeddings (word + token type 0
   + padding-aware positions, then LayerNorm) → **post-LN** ``AltRobertaLayer`` blocks
   (``h = LN(dense(attn(x)) + x)``; ``out = LN(dense(act(dense(h))) + h)``), bidirectional with an
@@ -30,20 +26,24 @@ pretrained AltCLIP weights.
 from __future__ import annotations
 
 import string
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, ClipAdapter, Tower
-from clip_xai.models.weights import OFFLINE_FIX, ensure_reachable_hf
+from clip_xai.models.base import BlockOps, Tower
+from clip_xai.models.hf_clip import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    HfDualEncoder,
+    as_int,
+    load_pretrained,
+    merge_config,
+    random_model,
+)
 from clip_xai.types import TextTokens
 
-# CLIP (OpenAI) normalisation, the values of BAAI/AltCLIP's CLIPImageProcessor.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # FlagAI/BAAI AltCLIP encode text with max_length 77 (the CLIP context), although the XLM-R
 # tokenizer itself allows 512.
 ALTCLIP_CONTEXT = 77
@@ -60,28 +60,6 @@ TINY_CONFIG = {
     },
     "projection_dim": 64,
 }
-
-
-class AltClipVisionBlock(BlockOps):
-    """Pre-LN ``AltCLIPEncoderLayer``: x + out_proj(attn(layer_norm1 x)); x + mlp(layer_norm2 x)."""
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.n_heads = layer.self_attn.num_heads
-
-    def pre_attn(self, x: Tensor) -> Tensor:
-        return self.layer.layer_norm1(x)
-
-    def qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a = self.layer.self_attn
-        return a.q_proj(h), a.k_proj(h), a.v_proj(h)  # unscaled q: attend() applies 1/√dh
-
-    def out_proj(self, ctx: Tensor) -> Tensor:
-        return self.layer.self_attn.out_proj(ctx)
-
-    def post_attn(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        x = x + attn_out
-        return x + self.layer.mlp(self.layer.layer_norm2(x))
 
 
 class AltClipTextBlock(BlockOps):
@@ -112,44 +90,6 @@ class AltClipTextBlock(BlockOps):
         h = layer.attention.output.LayerNorm(attn_out + x)
         ffn = layer.output
         return ffn.LayerNorm(ffn.dense(layer.intermediate(h)) + h)
-
-
-class AltClipVision(Tower):
-    """AltCLIP ViT: patches + CLS + pos → pre_layrnorm → blocks → post_layernorm[CLS] → visual_projection."""
-
-    def __init__(self, model: nn.Module, mean: tuple, std: tuple):
-        super().__init__()
-        self.vision_model = model.vision_model
-        self.visual_projection = model.visual_projection
-        self.blocks = [AltClipVisionBlock(layer) for layer in self.vision_model.encoder.layers]
-        self.width = self.vision_model.config.hidden_size
-        self.image_size = _as_int(self.vision_model.config.image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ClipXaiError(
-                f"AltCLIP expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
-                f"resize/crop the images to {self.image_size}×{self.image_size} (the dataset transform does this)",
-            )
-        emb = self.vision_model.embeddings
-        w = emb.patch_embedding.weight
-        x = emb.patch_embedding(((pixels - self.mean) / self.std).to(w.dtype))
-        x = x.flatten(2).transpose(1, 2)
-        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype)
-        return self.vision_model.pre_layrnorm(x), None
-
-    def pool_index(self, pixels: Tensor) -> Tensor:
-        return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-
-    def pool(self, x: Tensor, inputs=None) -> Tensor:
-        return self.visual_projection(self.vision_model.post_layernorm(x[:, 0]))
-
-    def project_tokens(self, x: Tensor) -> Tensor:
-        return self.visual_projection(self.vision_model.post_layernorm(x))
 
 
 class AltClipText(Tower):
@@ -199,15 +139,6 @@ class AltClipText(Tower):
         return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
 
 
-def _as_int(size) -> int:
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ClipXaiError(f"non-square AltCLIP image/patch size {size} is not supported",
-                               "use a square image_size and patch_size")
-        return int(size[0])
-    return int(size)
-
-
 def tiny_xlmr_tokenizer(model_max_length: int = ALTCLIP_CONTEXT):
     """TEST-ONLY offline XLM-R tokenizer for random AltCLIP models.
 
@@ -231,19 +162,7 @@ def tiny_xlmr_tokenizer(model_max_length: int = ALTCLIP_CONTEXT):
         ) from err
 
 
-def _merge_overrides(overrides: dict | None) -> dict:
-    """TINY_CONFIG with ``overrides`` merged in (keys ``vision``/``text`` alias the ``*_config`` ones)."""
-    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_CONFIG.items()}
-    for key, value in (overrides or {}).items():
-        key = {"vision": "vision_config", "text": "text_config"}.get(key, key)
-        if key in ("vision_config", "text_config"):
-            cfg[key].update(dict(value))
-        else:
-            cfg[key] = value
-    return cfg
-
-
-class AltClipAdapter(ClipAdapter):
+class AltClipAdapter(HfDualEncoder):
     """HF ``AltCLIPModel`` behind :class:`ClipAdapter`.
 
     ``pretrained``: True loads ``repo_id`` from the hub/cache (after a fail-fast offline check);
@@ -255,6 +174,7 @@ class AltClipAdapter(ClipAdapter):
     """
 
     text_mask_rule = "pad_attention"  # XLM-R id 0 is <s>: writing 0 would insert start tokens
+    family = "AltCLIP"
 
     def __init__(self, name: str, repo_id: str = "BAAI/AltCLIP", pretrained: bool | str = True, seed: int = 0,
                  cache_dir: str | None = None, config_overrides: dict | None = None):
@@ -263,51 +183,21 @@ class AltClipAdapter(ClipAdapter):
 
         self.name = name
         self.pretrained = pretrained
-        mean, std = OPENAI_MEAN, OPENAI_STD
         if pretrained is False or pretrained is None:
-            cfg = _merge_overrides(config_overrides)
+            cfg = merge_config(TINY_CONFIG, config_overrides)
             tokenizer = tiny_xlmr_tokenizer()
             cfg["text_config"].setdefault("vocab_size", len(tokenizer))
             if cfg["text_config"]["vocab_size"] < len(tokenizer):
                 raise ClipXaiError(f"text vocab_size {cfg['text_config']['vocab_size']} is smaller than the "
                                    f"{len(tokenizer)}-piece test tokenizer", "leave text vocab_size unset")
-            config = AltCLIPConfig(**cfg)
-            config._attn_implementation = "eager"
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AltCLIPModel(config)
-            self._processor = _make_processor(tokenizer, _as_int(config.vision_config.image_size))
+            model = random_model(AltCLIPModel, AltCLIPConfig, cfg, seed)
+            processor = _make_processor(tokenizer, as_int(model.config.vision_config.image_size))
         else:
-            if config_overrides:
-                raise ClipXaiError("config_overrides only apply to random AltCLIP models (pretrained=false)",
-                                   "drop config_overrides, or set pretrained=false")
-            if pretrained is True:
-                source = repo_id
-                ensure_reachable_hf(repo_id, cache_dir)
-            else:
-                path = Path(str(pretrained)).expanduser()
-                if not path.is_dir():
-                    raise ClipXaiError(
-                        f"AltCLIP checkpoint directory {pretrained} does not exist",
-                        f"pass pretrained=true to load {repo_id}, or a directory written by save_pretrained",
-                    )
-                source = str(path)
-            try:
-                model = AltCLIPModel.from_pretrained(source, cache_dir=cache_dir, attn_implementation="eager")
-            except (OSError, ValueError) as err:
-                raise ClipXaiError(f"could not load AltCLIP weights from {source}: {err}", OFFLINE_FIX) from err
-            self._processor, tokenizer = _load_processor(source, cache_dir, model)
-            ip = getattr(self._processor, "image_processor", None)
-            if ip is not None and getattr(ip, "image_mean", None) is not None:
-                mean, std = tuple(ip.image_mean), tuple(ip.image_std)
-        model.eval().requires_grad_(False)
-        self.model = model
-        self._tokenizer = tokenizer
-        self.vision = AltClipVision(model, mean, std)
-        self.text = AltClipText(model)
+            source, model = load_pretrained(AltCLIPModel, "AltCLIP", repo_id, pretrained, cache_dir,
+                                            config_overrides)
+            processor, tokenizer = _load_processor(source, cache_dir, model)
+        self._attach(model, processor, tokenizer, AltClipText(model))
         tcfg = model.config.text_config
-        self.image_size = self.vision.image_size
-        self.patch_size = _as_int(model.config.vision_config.patch_size)
         self.pad_id = int(tcfg.pad_token_id)
         self.bos_id = int(tcfg.bos_token_id)
         self.eos_id = int(tcfg.eos_token_id)
@@ -316,31 +206,6 @@ class AltClipAdapter(ClipAdapter):
         max_tok = getattr(tokenizer, "model_max_length", ALTCLIP_CONTEXT) or ALTCLIP_CONTEXT
         # positions run pad+1 .. pad+L, so the position table bounds L too.
         self.context_length = int(min(ALTCLIP_CONTEXT, max_tok, tcfg.max_position_embeddings - self.pad_id - 1))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model and its processor/tokenizer so that ``pretrained=directory`` reloads them."""
-        self.model.save_pretrained(str(directory))
-        (self._processor or self._tokenizer).save_pretrained(str(directory))
-
-    def tokenize(self, captions: list[str]) -> TextTokens:
-        """``<s> caption </s>`` ids padded (pad id 1) to the fixed context length.
-
-        Fixed-length padding (as the AltCLIP processor does) keeps every text map independent of
-        its batch mates; padding to the batch's longest caption would not.
-        """
-        tok = self._tokenizer
-        too_long = [c for c, n in zip(captions, self.token_lengths(captions)) if n > self.context_length]
-        if too_long:
-            raise ClipXaiError(
-                f"caption too long for the {self.context_length}-token AltCLIP context: {too_long[0][:80]!r}",
-                "shorten the caption (truncating it would drop the </s> token)",
-            )
-        enc = tok(list(captions), padding="max_length", max_length=self.context_length, return_tensors="pt")
-        tokens = self.tokens_from_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-        return replace(tokens, texts=tuple(captions))
-
-    def token_lengths(self, captions: list[str]) -> list[int]:
-        return [len(ids) for ids in self._tokenizer(list(captions), verbose=False)["input_ids"]]  # with <s>, </s>
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
         """Pool at position 0 (``<s>``); content = positions 1 .. first ``</s>`` − 1 that are attended.
@@ -385,6 +250,6 @@ def _load_processor(source: str, cache_dir: str | None, model: nn.Module):
     except (OSError, ValueError, TypeError) as err:
         tiny = tiny_xlmr_tokenizer()
         if model.config.text_config.vocab_size == len(tiny):
-            return _make_processor(tiny, _as_int(model.config.vision_config.image_size)), tiny
+            return _make_processor(tiny, as_int(model.config.vision_config.image_size)), tiny
         raise ClipXaiError(f"no tokenizer found with the AltCLIP weights in {source}: {err}",
                            "save the processor/tokenizer next to the model (AltClipAdapter.save_pretrained)") from err

@@ -26,9 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clip_xai.errors import ClipXaiError
 from clip_xai.types import TextTokens
 
 Edit = Callable[[Tensor], Tensor]
+
+#: What a tower can give an explainer. Explainers declare the ones they need
+#: (``Explainer.requires``); a tower lists the ones it lacks, with the reason, in ``Tower.missing``.
+CAPABILITIES = {
+    "blocks": "transformer blocks that the adapter runs itself (hidden states between blocks, "
+              "their edits and partial runs; for images, one token per patch of a grid)",
+    "attention": "the self-attention probabilities of every block, the last one included",
+    "pooled_token": "an embedding read from ONE output token (class token, EOT or <s>), "
+                    "whose attention row is the map",
+    "token_head": "the final norm and projection applicable to every token (dense per-token embeddings)",
+}
 
 
 @dataclass
@@ -129,10 +141,18 @@ class Tower(nn.Module):
     (B, 1, 1, N) padding mask (AltCLIP text); it broadcasts against (B, H, N, N) scores.
     Vision towers also hold ``mean``/``std`` (1,3,1,1) buffers: the normalisation that
     ``embed`` applies to [0,1] pixels (methods that blank pixels "to the mean colour" use them).
+    A tower that cannot serve some methods (average or attention pooling, no blocks) says so in
+    ``missing``; the explainer checks it at start-up.
     """
 
     blocks: list[BlockOps]
     width: int
+    #: capability → why this tower lacks it (see :data:`CAPABILITIES`); empty = it has them all.
+    missing: dict[str, str] = {}
+
+    @property
+    def provides(self) -> frozenset[str]:
+        return frozenset(CAPABILITIES) - set(self.missing)
 
     @property
     def n_layers(self) -> int:
@@ -158,8 +178,6 @@ class Tower(nn.Module):
         """Normalise a possibly negative block index (−1 = last block)."""
         i = index + self.n_layers if index < 0 else index
         if not 0 <= i < self.n_layers:
-            from clip_xai.errors import ClipXaiError
-
             raise ClipXaiError(
                 f"block index {index} is out of range for a tower with {self.n_layers} blocks",
                 f"choose a layer in [{-self.n_layers}, {self.n_layers - 1}]",
@@ -208,7 +226,7 @@ class ClipAdapter(nn.Module):
     """A dual-encoder (image, text) model behind one interface; inputs are [0,1] pixels.
 
     Attributes every explainer may use: ``vision``/``text`` towers, ``image_size``,
-    ``patch_size``, ``grid`` (patch rows, cols), ``n_prefix`` (tokens before the patches: 1 = CLS),
+    ``patch_size`` (None for an image tower without patches), ``grid`` (patch rows, cols), ``n_prefix`` (tokens before the patches: 1 = CLS),
     ``mask_token_id`` (what the M2IB text protocol writes into dropped tokens), ``pad_id``,
     ``text_mask_rule`` (how the faithfulness text protocol drops tokens on this backend:
     ``mask_id`` = M2IB's rule for CLIP tokenisers, ``pad_attention`` = pad + attention mask).
@@ -218,7 +236,7 @@ class ClipAdapter(nn.Module):
     vision: Tower
     text: Tower
     image_size: int
-    patch_size: int
+    patch_size: int | None
     n_prefix: int = 1
     mask_token_id: int = 0
     pad_id: int = 0
@@ -227,6 +245,9 @@ class ClipAdapter(nn.Module):
 
     @property
     def grid(self) -> tuple[int, int]:
+        if self.patch_size is None:
+            raise ClipXaiError(f"model {self.name} has no patch grid (its image tower is not a ViT)",
+                               "use a ViT CLIP for methods that return patch maps")
         g = self.image_size // self.patch_size
         return g, g
 

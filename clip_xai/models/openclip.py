@@ -1,9 +1,27 @@
-"""open_clip backend: OpenAI ViT-B/16, ViT-B/32 (QuickGELU) and the tiny test model.
+"""open_clip backend: any open_clip CLIP by name (``model=open_clip``), the presets ``vit_b16`` /
+``vit_b32`` (OpenAI weights) and the tiny test model.
 
-Works with open_clip 3.x, whose blocks hold ``nn.MultiheadAttention`` (batch first, called with
-``need_weights=False``). The towers recompute attention from ``in_proj_weight``/``in_proj_bias``
-and ``out_proj`` (METHODS.md §1.2), which also covers open_clip 4's custom ``Attention`` that
-keeps those parameter names.
+Vision towers:
+
+* open_clip's own ``VisionTransformer`` (ViT-S/M/B/L/H/g/bigG, ``-quickgelu`` or not, any image
+  size and patch size, ``plus`` widths, CLIPA): run block by block (:class:`OpenClipVision`).
+  Image size, patch grid, mean/std and interpolation come from the built model and its
+  pretrained config. Pooling: class token (``pool_type='tok'``), average of the patch tokens
+  (``'avg'``, CLIPA) with or without ``final_ln_after_pool``, and attentional pooling (CoCa
+  style, ``attn_pool``); layer scale (``ls_1``/``ls_2``) and ``no_ln_pre`` are applied as the
+  native forward does. Towers that do not pool one token say so in ``Tower.missing``, so methods
+  reading the class token's attention row refuse them at start-up.
+* Any other image encoder (ModifiedResNet, timm trunks such as SigLIP's attention-pool ViT,
+  ConvNeXt, EVA): run as one native module (:class:`OpaqueVision`). Methods that only need the
+  embedding (RISE, pixel gradients) work; the others get one clear start-up error.
+
+Text towers: the CLIP text transformer (on the model, or ``model.text`` for ``CustomTextCLIP``)
+with a causal mask or bidirectional with a padding mask, pooled at the EOT token (``argmax``),
+a tokenizer-specific ``eos`` id, or the first/last position, projected by a matrix or a Linear.
+
+Blocks are open_clip 3.x ``ResidualAttentionBlock`` s holding ``nn.MultiheadAttention`` (called
+with ``need_weights=False``); attention is recomputed from ``in_proj_weight``/``in_proj_bias`` and
+``out_proj`` (METHODS.md §1.2).
 """
 from __future__ import annotations
 
@@ -15,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, ClipAdapter, Tower
+from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, Tower
 from clip_xai.models.weights import ensure_reachable_weights
 from clip_xai.types import TextTokens
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 class OpenClipBlock(BlockOps):
@@ -47,87 +66,218 @@ class OpenClipBlock(BlockOps):
         return x + self.block.ls_2(self.block.mlp(self.block.ln_2(x)))
 
 
-def _check_supported(transformer: nn.Module) -> None:
+def _blocks(transformer: nn.Module, where: str) -> list[OpenClipBlock]:
+    """Wrap the blocks of ``transformer``; one clear error for block types this engine cannot run."""
     for blk in transformer.resblocks:
-        if not hasattr(blk, "attn") or not hasattr(blk.attn, "in_proj_weight") or hasattr(blk, "ln_1_kv"):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or hasattr(blk, "ln_1_kv") or not attn._qkv_same_embed_dim:
             raise ClipXaiError(
-                f"open_clip block type {type(blk).__name__} is not supported (needs fused in_proj self-attention)",
-                "use a standard open_clip ViT (e.g. ViT-B-16-quickgelu) or add a BlockOps for it",
+                f"the open_clip {where} block type {type(blk).__name__} is not supported (the engine recomputes "
+                "standard fused-qkv self-attention; qk-norm, scaled-cosine and cross-attention blocks are not)",
+                "use a standard open_clip ViT (e.g. ViT-B-16, ViT-L-14) or add a BlockOps for this block type",
             )
+    return [OpenClipBlock(b) for b in transformer.resblocks]
 
 
-class OpenClipVision(Tower):
-    """open_clip VisionTransformer: conv patches + CLS + pos → ln_pre → blocks → ln_post[CLS] @ proj."""
+def _square(size, what: str) -> int:
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if len(set(size)) != 1:
+        raise ClipXaiError(f"non-square {what} {size} is not supported", f"use a model with a square {what}")
+    return int(size[0])
+
+
+class _PixelInput:
+    """Shared by the vision towers: normalisation buffers and the input-size check."""
+
+    def _set_pixels(self, image_size: int, mean: tuple, std: tuple) -> None:
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ClipXaiError(
+                f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
+                f"set dataset.image_size={self.image_size} (the model configs set it from the architecture)",
+            )
+        return (pixels - self.mean) / self.std
+
+
+class OpenClipVision(_PixelInput, Tower):
+    """open_clip VisionTransformer: conv patches + CLS + pos → ln_pre → blocks → pooling head.
+
+    The head follows ``VisionTransformer._pool`` of open_clip 3.x: class token or patch average,
+    ``ln_post`` before or after pooling, or an attentional pooler; then ``@ proj``.
+    """
 
     def __init__(self, visual: nn.Module, mean: tuple, std: tuple):
         super().__init__()
-        _check_supported(visual.transformer)
-        if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-            raise ClipXaiError("only CLS-token pooled open_clip ViTs are supported", "use an OpenAI-style ViT config")
         self.visual = visual
-        self.blocks = [OpenClipBlock(b) for b in visual.transformer.resblocks]
+        self.blocks = _blocks(visual.transformer, "vision")
         self.width = visual.transformer.width
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._set_pixels(_square(visual.image_size, "image size"), mean, std)
+        self.patch_size = _square(visual.patch_size, "patch size")
+        self.attn_pool = getattr(visual, "attn_pool", None)
+        self.pool_type = visual.pool_type
+        self.missing = {}
+        if self.attn_pool is not None:
+            why = "it pools with learned attention queries over all tokens (attentional pooling)"
+            self.missing = {"pooled_token": why, "token_head": why}
+        elif self.pool_type == "avg":
+            self.missing = {"pooled_token": "it averages the patch tokens (pool_type='avg'); no single token "
+                                            "carries the embedding"}
+        elif self.pool_type != "tok":
+            raise ClipXaiError(f"open_clip vision pool_type={self.pool_type!r} gives no image embedding",
+                               "use a ViT config with pool_type 'tok' or 'avg', or an attentional pooler")
 
     def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
         v = self.visual
-        x = v.conv1((pixels - self.mean) / self.std)
+        x = v.conv1(self.normalise(pixels).to(v.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(x), None
+        return v.ln_pre(x), None  # patch dropout is the identity in eval mode
 
     def pool_index(self, pixels: Tensor) -> Tensor:
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
 
+    def _global_pool(self, x: Tensor) -> Tensor:
+        return x[:, 1:].mean(dim=1) if self.pool_type == "avg" else x[:, 0]
+
     def pool(self, x: Tensor, inputs=None) -> Tensor:
-        return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+        v = self.visual
+        if self.attn_pool is not None:
+            contrastive = getattr(v, "attn_pool_contrastive", None)
+            if contrastive is not None:  # 'parallel' / 'cascade' pooler pairs
+                x = v.ln_post(x)
+                pooled = contrastive(x if v.attn_pool_type == "parallel" else self.attn_pool(x))
+            else:  # CoCa: pool, then norm, then the first query (or the query average)
+                pooled = self._global_pool(v.ln_post(self.attn_pool(x)))
+        elif v.final_ln_after_pool:
+            pooled = v.ln_post(self._global_pool(x))
+        else:
+            pooled = self._global_pool(v.ln_post(x))
+        return pooled if v.proj is None else pooled @ v.proj
 
     def project_tokens(self, x: Tensor) -> Tensor:
-        return self.visual.ln_post(x) @ self.visual.proj
+        if self.attn_pool is not None:
+            raise ClipXaiError("an attention-pooled vision tower has no per-token head", "use a class-token ViT")
+        x = self.visual.ln_post(x)
+        return x if self.visual.proj is None else x @ self.visual.proj
+
+
+class OpaqueVision(_PixelInput, Tower):
+    """An image encoder run as ONE native module (ModifiedResNet, timm trunks): embeddings only.
+
+    ``embed`` normalises the pixels, there are no blocks, and ``pool`` runs the whole encoder, so
+    ``encode_image`` (and every method that needs only it) works; ``missing`` lists the rest.
+    """
+
+    def __init__(self, visual: nn.Module, image_size: int, mean: tuple, std: tuple, kind: str):
+        super().__init__()
+        self.visual = visual
+        self.blocks = []
+        self.width = 0
+        self._set_pixels(image_size, mean, std)
+        why = f"the image tower is a {kind}, run as one piece with no transformer blocks to open"
+        self.missing = {cap: why for cap in CAPABILITIES}
+
+    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
+        return self.normalise(pixels), None
+
+    def pool_index(self, pixels: Tensor) -> Tensor:
+        raise ClipXaiError("an opaque image tower has no pooled token", "use a ViT CLIP for this method")
+
+    def pool(self, x: Tensor, inputs=None) -> Tensor:
+        return self.visual(x)
+
+    def project_tokens(self, x: Tensor) -> Tensor:
+        raise ClipXaiError("an opaque image tower has no per-token head", "use a ViT CLIP for this method")
 
 
 class OpenClipText(Tower):
-    """open_clip CLIP text tower: tokens + pos → causal blocks → ln_final[EOT] @ text_projection."""
+    """open_clip text transformer: tokens + pos → blocks → ln_final[pool] → projection.
+
+    ``src`` is the CLIP model itself (its text attributes live on it) or ``CustomTextCLIP.text``.
+    The attention bias is the causal mask, or None for bidirectional towers (CLIPA, SigLIP text).
+    open_clip 3.x configs cannot turn on its ``use_pad_mask``; such a tower is refused.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        _check_supported(model.transformer)
-        if getattr(model, "text_pool_type", "argmax") != "argmax":
-            raise ClipXaiError("only argmax (EOT) text pooling is supported", "use an OpenAI-style CLIP config")
-        self.model = model
-        self.blocks = [OpenClipBlock(b) for b in model.transformer.resblocks]
-        self.width = model.transformer.width
+        src = getattr(model, "text", model)
+        if not hasattr(src, "token_embedding") or not hasattr(src, "transformer"):
+            raise ClipXaiError(f"open_clip text encoder {type(src).__name__} (Hugging Face text models) is not supported",
+                               "use a CLIP with open_clip's own text transformer, or model=hf_clip / altclip")
+        if getattr(src, "cls_emb", None) is not None:
+            raise ClipXaiError("open_clip text towers with an appended class token (CoCa) are not supported",
+                               "use a CLIP-style model (e.g. ViT-B-32 instead of coca_ViT-B-32)")
+        self.src = src
+        self.blocks = _blocks(src.transformer, "text")
+        self.width = src.transformer.width
+        self.pool_type = getattr(src, "text_pool_type", None) or getattr(src, "pool_type", "argmax")
+        self.eos_id = getattr(src, "text_eos_id", None) if src is model else getattr(src, "eos_id", None)
+        if self.pool_type not in ("argmax", "eos", "first", "last"):
+            raise ClipXaiError(f"open_clip text pool_type={self.pool_type!r} gives no text embedding",
+                               "use a text config with pool_type argmax, eos, first or last")
+        if getattr(src, "use_pad_mask", False):
+            raise ClipXaiError("open_clip text towers with a padding mask are not supported",
+                               "use a causal or plain bidirectional text tower")
+        self.pad_id = int(getattr(src, "pad_id", 0))
 
     def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
-        m = self.model
+        m = self.src
         n = tokens.ids.shape[1]
         x = m.token_embedding(tokens.ids) + m.positional_embedding[:n]
-        bias = None if m.attn_mask is None else m.attn_mask[:n, :n].to(x.dtype)
-        return x, bias
+        return x, None if m.attn_mask is None else m.attn_mask[:n, :n].to(x.dtype)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
 
     def pool(self, x: Tensor, tokens: TextTokens) -> Tensor:
-        x = self.model.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
-        return _project(x, self.model.text_projection)
+        return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
 
     def project_tokens(self, x: Tensor) -> Tensor:
-        return _project(self.model.ln_final(x), self.model.text_projection)
+        x = self.src.ln_final(x)
+        proj = self.src.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
-def _project(x: Tensor, proj) -> Tensor:
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+def _register_local_configs(arch: str) -> None:
+    """Register the repo's own configs (``clip_xai/models/configs/<arch>.json``) with open_clip."""
+    import open_clip
+
+    config_file = CONFIG_DIR / f"{arch}.json"
+    if config_file.exists():
+        open_clip.add_model_config(config_file)
+
+
+def config_image_size(arch: str) -> int:
+    """Input size of open_clip architecture ``arch`` (for the dataset config), 224 if unknown.
+
+    An unknown name fails right after, with its own message, when the adapter is built.
+    """
+    import open_clip
+
+    _register_local_configs(arch)
+    cfg = open_clip.get_model_config(arch) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _is_path(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.startswith((".", "~")) or pretrained.endswith(CHECKPOINT_SUFFIXES)
 
 
 class OpenClipAdapter(ClipAdapter):
     """open_clip CLIP model behind :class:`ClipAdapter`.
 
-    ``arch`` is an open_clip model name (``ViT-B-16-quickgelu``) or the name of a JSON config in
-    ``clip_xai/models/configs`` (``tiny``). ``pretrained`` is an open_clip tag (``openai``), a
-    local checkpoint path, or None for random weights (then ``seed`` makes them reproducible).
+    ``arch`` is an open_clip model name (``ViT-L-14-336``, ``ViT-B-16-quickgelu``) or the name of a
+    JSON config in ``clip_xai/models/configs`` (``tiny``). ``pretrained`` is an open_clip tag
+    (``openai``, ``laion2b_s32b_b82k``), a local checkpoint path, or None for RANDOM weights (then
+    ``seed`` makes them reproducible; such a model is never pretrained).
     """
 
     def __init__(self, name: str, arch: str, pretrained: str | None = None, seed: int = 0,
@@ -136,42 +286,69 @@ class OpenClipAdapter(ClipAdapter):
         import open_clip
 
         self.name = name
-        config_file = CONFIG_DIR / f"{arch}.json"
-        if config_file.exists():
-            # Register the repo's own configs (tiny) with open_clip; no download involved.
-            open_clip.add_model_config(config_file)
+        _register_local_configs(arch)
         if arch not in open_clip.list_models():
             raise ClipXaiError(f"unknown open_clip architecture {arch!r}",
                                "use one of open_clip.list_models() or a config in clip_xai/models/configs")
-        if pretrained and not Path(str(pretrained)).expanduser().exists():
-            ensure_reachable_weights(arch, pretrained, cache_dir)
-        torch.manual_seed(seed)
-        try:
-            model = open_clip.create_model(arch, pretrained=pretrained or None, cache_dir=cache_dir)
-        except RuntimeError as err:
-            raise ClipXaiError(f"could not load weights {pretrained!r} for {arch}: {err}",
-                               "check the tag or checkpoint path, or run offline with model=tiny") from err
+        pretrained = str(pretrained) if pretrained not in (None, "", False) else None
+        if pretrained is not None:
+            if Path(pretrained).expanduser().exists():
+                pretrained = str(Path(pretrained).expanduser())
+            elif _is_path(pretrained):
+                raise ClipXaiError(f"checkpoint file {pretrained} does not exist",
+                                   "pass an existing checkpoint path or an open_clip tag as model.pretrained")
+            else:
+                ensure_reachable_weights(arch, pretrained, cache_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+            except RuntimeError as err:
+                raise ClipXaiError(f"could not load weights {pretrained!r} for {arch}: {err}",
+                                   "check the tag or checkpoint path, or run offline with model=tiny") from err
         model.eval().requires_grad_(False)
         self.model = model
-        cfg = open_clip.get_model_config(arch)
-        pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+        self.arch = arch
+        self.pretrained = pretrained
+        pre = getattr(model.visual, "preprocess_cfg", {}) or {}
         mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
         std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
-        self.vision = OpenClipVision(model.visual, mean, std)
+        #: resize interpolation of the pretrained preprocessing (the dataset transform is bicubic)
+        self.interpolation = str(pre.get("interpolation", "bicubic"))
+        if hasattr(model.visual, "transformer") and hasattr(model.visual, "conv1"):
+            self.vision = OpenClipVision(model.visual, mean, std)
+            self.patch_size = self.vision.patch_size
+        else:
+            size = _square(pre.get("size", getattr(model.visual, "image_size", 224)), "image size")
+            kind = "timm trunk" if type(model.visual).__name__ == "TimmModel" else type(model.visual).__name__
+            self.vision = OpaqueVision(model.visual, size, mean, std, kind)
+            self.patch_size = None
+        self.image_size = self.vision.image_size
         self.text = OpenClipText(model)
-        self.image_size = cfg["vision_cfg"]["image_size"]
-        self.patch_size = cfg["vision_cfg"]["patch_size"]
-        self.context_length = model.context_length
-        self._tokenizer = open_clip.get_tokenizer(arch)
-        self.pretrained = pretrained
+        self.context_length = int(getattr(self.text.src, "context_length", None) or model.context_length)
+        self._tokenizer = None  # loaded on first use (some tokenizers come from the hub)
         self.mask_token_id = 0  # CLIP BPE id 0 ("!") is what M2IB writes into dropped tokens
-        self.pad_id = 0
+        self.pad_id = self.text.pad_id
+
+    def _tok(self):
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.arch)
+        return self._tokenizer
 
     def token_lengths(self, captions: list[str]) -> list[int]:
-        return [len(self._tokenizer.encode(c)) + 2 for c in captions]  # + start/end of text
+        tok = self._tok()
+        if hasattr(tok, "encode"):  # open_clip's CLIP BPE tokenizer: <sot> caption <eot>
+            return [len(tok.encode(c)) + 2 for c in captions]
+        inner = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+        if inner is None:
+            raise ClipXaiError(f"cannot measure caption lengths with the {type(tok).__name__} tokenizer of {self.arch}",
+                               "use a model whose open_clip tokenizer is the CLIP BPE or a Hugging Face tokenizer")
+        return [len(ids) for ids in inner(list(captions))["input_ids"]]
 
     def tokenize(self, captions: list[str]) -> TextTokens:
-        tok = self._tokenizer
+        tok = self._tok()
         too_long = [c for c, n in zip(captions, self.token_lengths(captions)) if n > self.context_length]
         if too_long:
             raise ClipXaiError(
@@ -182,10 +359,22 @@ class OpenClipAdapter(ClipAdapter):
         return replace(self.tokens_from_ids(ids), texts=tuple(captions))
 
     def tokens_from_ids(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextTokens:
-        eot = ids.argmax(dim=-1)  # EOT has the largest id; open_clip pools here too
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        content = (pos[None] >= 1) & (pos[None] < eot[:, None])
-        if attention_mask is None:
-            attention_mask = (pos[None] <= eot[:, None]).long()
-        return TextTokens(ids, attention_mask, eot, content)
+        """Pool where the text tower pools; content = the tokens between start and end tokens.
 
+        ``argmax``: the EOT token has the largest id (CLIP BPE). ``eos``: the first ``eos_id``.
+        ``first``/``last``: that position, content = the non-pad tokens.
+        """
+        b, n = ids.shape
+        pos = torch.arange(n, device=ids.device)
+        pool_type = self.text.pool_type
+        if pool_type in ("argmax", "eos"):
+            eot = ids.argmax(dim=-1) if pool_type == "argmax" else ids.eq(self.text.eos_id).int().argmax(dim=-1)
+            content = (pos[None] >= 1) & (pos[None] < eot[:, None])
+            if attention_mask is None:
+                attention_mask = (pos[None] <= eot[:, None]).long()
+            return TextTokens(ids, attention_mask, eot, content)
+        real = ids.ne(self.pad_id)
+        if attention_mask is None:
+            attention_mask = real.long()
+        pool = torch.full((b,), 0 if pool_type == "first" else n - 1, dtype=torch.long, device=ids.device)
+        return TextTokens(ids, attention_mask, pool, real & attention_mask.bool())

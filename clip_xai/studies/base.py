@@ -89,6 +89,7 @@ class Study:
         if getattr(ctx.metrics, "suite", None) != self.metrics_suite:
             raise ClipXaiError(f"study={self.name} needs metrics={self.metrics_suite}",
                                f"add metrics={self.metrics_suite} to the command line")
+        ctx.explainer.check_requirements(ctx.model)
         ctx.explainer.check_model(ctx.model)
         check_policy(ctx.on_long_caption)
 
