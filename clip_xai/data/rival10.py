@@ -37,9 +37,6 @@ RIVAL10_ATTRIBUTES: list[str] = [
 _LAYOUT = "RIVAL10/{split}/ordinary/<wnid>_<id>.JPEG with <stem>_attr_dict.pkl / <stem>_merged_mask.JPEG beside it"
 
 
-MASK_CHOICES = ("auto", "entire_object", "merged", *RIVAL10_ATTRIBUTES)
-
-
 def mask_choice(name: str) -> str:
     """Validate ``dataset.mask`` / ``metrics.mask``; attribute names may use ``_`` for ``-``."""
     key = str(name).replace("_", "-")
