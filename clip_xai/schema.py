@@ -61,7 +61,11 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 ]
 
 # Columns added after the first release, with the value older results.parquet files imply.
-OPTIONAL_COLUMNS = {"caption_flag": ""}
+OPTIONAL_COLUMNS = {
+    "caption_flag": "",
+    **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
+                                 "complexity_image", "sparseness_text", "complexity_text")},
+}
 
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {
