@@ -7,6 +7,10 @@ prior, summed over channels (``nansum``, as in YingWANGG/M2IB ``scripts/iba.py``
 reference). This module holds the capacity, the channel reduction, the map layout and the
 batching helpers (B samples × c noise copies as B·c rows, sample-major).
 
+Padding: a caption's padding positions get no noise and no weight in any mean (they are
+invisible to the real tokens: causal mask on CLIP, key-padding mask on AltCLIP), so a text map
+is the same however far the ids are padded, as for the references' unpadded ids.
+
 The other modality is fixed: an image map explains ``cos(f_I(t), f_T)`` with the detached text
 embedding ``f_T``; a text map explains ``cos(f_T(t), f_I)`` with the detached image embedding.
 """
@@ -66,6 +70,14 @@ class Side:
         self.inputs = pixels if modality == "image" else tokens
         self.target = other_target(model, modality, pixels, tokens)
         self.batch = self.target.shape[0]
+
+    def real_tokens(self, n: int) -> Tensor:
+        """(B, n) bool: the positions that are part of the input (every image token; the attended
+        caption tokens, padding excluded). Noise and capacity means use these only, so padding
+        changes no map (the references explain unpadded ids)."""
+        if self.modality == "image":
+            return torch.ones(self.batch, n, dtype=torch.bool, device=self.target.device)
+        return self.inputs.attention_mask.bool().to(self.target.device)
 
     def hidden(self, before: int) -> tuple[Tensor, Tensor | None]:
         """Detached hidden state right before block ``before`` (= output of block ``before − 1``)."""

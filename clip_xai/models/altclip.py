@@ -126,7 +126,7 @@ class AltClipVision(Tower):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
+    def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ClipXaiError(
                 f"AltCLIP expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
@@ -138,8 +138,10 @@ class AltClipVision(Tower):
         x = x.flatten(2).transpose(1, 2)
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype)
-        return self.vision_model.pre_layrnorm(x), None
+        return x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype), None
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.vision_model.pre_layrnorm(e)
 
     def pool_index(self, pixels: Tensor) -> Tensor:
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
@@ -175,16 +177,18 @@ class AltClipText(Tower):
         real = ids.ne(self.pad_id).long()
         return torch.cumsum(real, dim=1) * real + self.pad_id
 
-    def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
+    def input_embedding(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
         emb = self.text_model.roberta.embeddings
         ids = tokens.ids
         x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
              + emb.position_embeddings(self.position_ids(ids)))
-        x = emb.LayerNorm(x)
         keep = tokens.attention_mask.to(torch.bool)[:, None, None, :]  # (B,1,1,L): mask padded keys
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)  # HF's additive eager mask value
         return x, bias
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.text_model.roberta.embeddings.LayerNorm(e)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index

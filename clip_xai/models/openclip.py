@@ -69,13 +69,15 @@ class OpenClipVision(Tower):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
+    def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         v = self.visual
         x = v.conv1((pixels - self.mean) / self.std)
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(x), None
+        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype), None
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.visual.ln_pre(e)
 
     def pool_index(self, pixels: Tensor) -> Tensor:
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
@@ -99,7 +101,7 @@ class OpenClipText(Tower):
         self.blocks = [OpenClipBlock(b) for b in model.transformer.resblocks]
         self.width = model.transformer.width
 
-    def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
+    def input_embedding(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
         m = self.model
         n = tokens.ids.shape[1]
         x = m.token_embedding(tokens.ids) + m.positional_embedding[:n]
