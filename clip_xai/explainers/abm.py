@@ -25,8 +25,9 @@ class ABM(Explainer):
     z = the hidden state entering block ``target_layer`` (HF ``hidden_states[9]`` for 9: one
     block earlier than M2IB), detached, in fp32. x⁰ = z. Each of the T = ``steps`` steps:
     λ = x/z (detached); for ``noise_samples`` draws z̃ = x + (1 − λ)·ε, ε ~ N(0, 1) from
-    :class:`SampleRng` (run as B·noise_samples rows), average ∂cos(f(z̃), e_other)/∂x; then
-    x ← x + ``step_scale``·|z|/T · sign(mean gradient) (ascent) and clamp every element to
+    :class:`SampleRng` (drawn at the real tokens only: a caption's padding gets none), sum
+    ∂cos(f(z̃), e_other)/∂x over the draws; then
+    x ← x + ``step_scale``·|z|/T · sign(summed gradient) (ascent) and clamp every element to
     [min(0, z), max(0, z)]. Final λ = x/z, μ = z·λ (= x), σ² = (1 − λ)²; the map is the
     capacity ``nansum`` over channels per token (patch grid, CLS dropped, for images).
 
@@ -43,6 +44,12 @@ class ABM(Explainer):
       ``tokens.content_mask`` (start, end/pool and padding tokens, on the token axis: the
       reference's intent, its code pins the batch axis). The reference's extra ×0.05 on the first
       token is not applied: shared post-processing zeroes non-caption tokens anyway.
+    * ``grad_accumulation``: ``per_draw`` (default, the reference) runs one forward/backward
+      per draw and adds the gradients in draw order, as the reference's loop over its 5 draws
+      (a running ``total_grad``); ``batched`` runs all draws as B·k rows of one pass and sums them
+      afterwards. The two sums are equal up to float rounding, but the sign step turns a
+      rounding difference in a near-zero sum into a full step of |z|/T that the later steps
+      carry along, so the maps can differ slightly (README: measured numbers).
     * ``step_scale`` multiplies the per-element step |z|/T (1.0 = reference). With T = 0 the map
       is the no-bottleneck capacity ½Σ_d(z_d² − 1 − log 1e−9).
     * ``debug`` (a dict, test hook): when ``record_path`` is true it receives ``z`` and ``path``
@@ -95,7 +102,7 @@ class ABM(Explainer):
         side = Side(model, self.modality, pixels, tokens)
         layer = side.tower.layer(self.target_layer)
         z, bias = side.hidden(layer)
-        z = z.float()
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32, or fp64 on a float64 model
         b, n, d = z.shape
         k = self.noise_samples
         zero = z == 0

@@ -26,13 +26,16 @@ from clip_xai.types import TextTokens
 LOG_EPS = 1e-9  # added to σ² inside the log (ABM reference; keeps λ = 1, σ² = 0 finite)
 
 
-def capacity(mu: Tensor, var: Tensor) -> Tensor:
-    """Elementwise KL(N(μ, σ²) ‖ N(0, 1)) = −½(1 + log(σ² + 1e−9) − μ² − σ²).
+def capacity(mu: Tensor, var: Tensor, log_eps: float = LOG_EPS) -> Tensor:
+    """Elementwise KL(N(μ, σ²) ‖ N(0, 1)) = −½(1 + log(σ² + log_eps) − μ² − σ²).
 
-    Note: with σ² = 0 (λ = 1, nothing removed) this is ½(μ² − 1 − log 1e−9) ≈ ½μ² + 9.86, the
-    *largest* value, not zero: the capped KL of a point mass.
+    ``log_eps = 1e−9`` is ABM's reference; with σ² = 0 (λ = 1, nothing removed) this is
+    ½(μ² − 1 − log 1e−9) ≈ ½μ² + 9.86, the *largest* value, not zero: the capped KL of a point
+    mass. ``log_eps = 0`` is M2IB's reference, the exact ``log σ²`` (σ² = 0 exactly is floored at
+    the smallest normal float, so the score stays finite where the reference's would be inf).
     """
-    return -0.5 * (1 + torch.log(var + LOG_EPS) - mu.pow(2) - var)
+    logv = torch.log(var + log_eps) if log_eps > 0 else torch.log(var.clamp_min(torch.finfo(var.dtype).tiny))
+    return -0.5 * (1 + logv - mu.pow(2) - var)
 
 
 def token_scores(cap: Tensor) -> Tensor:

@@ -36,8 +36,9 @@ class M2IB(Explainer):
     the other modality's embedding is computed once, unperturbed (the reference runs it in the
     same forward, which is equivalent). Text modality: the same on the text tower against the
     image embedding, per token over the full sequence (masking to caption tokens is shared
-    post-processing). ``log(σ² + 1e−9)`` is used (shared with ABM); at the default λ ≤ 0.9933 the
-    ε is negligible. ``lambda_override`` (test hook, not a hyperparameter) fixes λ everywhere and
+    post-processing). The capacity uses the exact ``log σ²`` of the reference (ABM's reference adds 1e−9,
+    which would cap elements whose α grows during training: after 10 Adam steps at lr 1, α reaches
+    ~15, σ² ~1e−13). ``lambda_override`` (test hook, not a hyperparameter) fixes λ everywhere and
     skips training; λ = 1 leaves the embedding unchanged.
     """
 
@@ -93,7 +94,7 @@ class M2IB(Explainer):
         rng = SampleRng(seeds, h.device)
         if self.lambda_override is not None:
             lam = torch.full_like(h, float(self.lambda_override))
-            return layout(model, self.modality, token_scores(capacity(lam * h, (1 - lam) ** 2)))
+            return layout(model, self.modality, token_scores(capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)))
         real = side.real_tokens(h.shape[1])
         weight = (real.float() / (real.sum(1, keepdim=True) * h.shape[2]))[..., None]  # mean over real (N, D)
         alpha = torch.full_like(h, float(self.init)).requires_grad_(True)
@@ -103,12 +104,12 @@ class M2IB(Explainer):
             for _ in range(self.steps):
                 lam = torch.sigmoid(alpha)
                 cos = self._bottleneck(rep, start, h, lam, self._noise(rng, real, h.shape[2]))
-                cap = capacity(lam * h, (1 - lam) ** 2)
+                cap = capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)
                 loss = (self.beta * (cap * weight).sum(dim=(1, 2)) - cos).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         if cap is None:  # steps = 0: the initial bottleneck
             lam = torch.sigmoid(alpha.detach())
-            cap = capacity(lam * h, (1 - lam) ** 2)
+            cap = capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)
         return layout(model, self.modality, token_scores(cap.detach()))
