@@ -30,9 +30,10 @@ def hidden_before(model, modality, pixels, tokens, block):
     return z.float()
 
 
-def no_bottleneck_scores(z):
-    """λ = 1 ⇒ μ = z, σ² = 0: per element ½(z² − 1 − log 1e−9) (z = 0 elements dropped, as nansum)."""
-    per_el = 0.5 * (z ** 2 - 1 - math.log(1e-9))
+def no_bottleneck_scores(z, log_var=math.log(1e-9)):
+    """λ = 1 ⇒ μ = z, σ² = 0: per element ½(z² − 1 − log σ²), with log σ² = log 1e−9 (ABM) or
+    log of the smallest normal float (M2IB's exact log) (z = 0 elements dropped, as nansum)."""
+    per_el = 0.5 * (z ** 2 - 1 - log_var)
     return per_el.masked_fill(z == 0, 0).sum(-1)
 
 
@@ -145,7 +146,53 @@ def test_m2ib_lambda_override_map(tiny, batch_for):
     pixels, tokens, seeds = batch_for(tiny)
     got = M2IB(lambda_override=1.0)(tiny, pixels, tokens, seeds)
     h = hidden_before(tiny, "image", pixels, tokens, LAYER + 1)
-    assert torch.allclose(got, tiny.patch_map(no_bottleneck_scores(h)), rtol=1e-5)
+    floor = math.log(torch.finfo(torch.float32).tiny)  # σ² = 0 floored: M2IB's exact log stays finite
+    assert torch.allclose(got, tiny.patch_map(no_bottleneck_scores(h, floor)), rtol=1e-5)
+
+
+def m2ib_reference_text(clip, ids, image_features, seed, layer=9, beta=0.1, steps=10, lr=1.0, copies=10):
+    """YingWANGG/M2IB ``text_heatmap_iba`` re-done on the native open_clip text modules with the
+    UNPADDED ids: α (1, L, D) = 5, λ = σ(α); block ``layer``'s output h → λh + (1−λ)ε for
+    ``copies`` rows; loss β·mean(capacity over all L·D) − mean cos; Adam(lr); the map is the last
+    forward's capacity (exact log σ²), mean over copies, nansum over D. ε follows clip_xai's noise
+    contract (per-sample generator, (copies, L, D) per step) so both see the same draws."""
+    n = ids.shape[1]
+    mask = clip.attn_mask[:n, :n]
+    blocks = clip.transformer.resblocks
+    with torch.no_grad():
+        x = clip.token_embedding(ids) + clip.positional_embedding[:n]
+        for blk in blocks[: layer + 1]:
+            x = blk(x, attn_mask=mask)
+    h = x.expand(copies, -1, -1)
+    alpha = torch.full((1, *x.shape[1:]), 5.0, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        lam = torch.sigmoid(alpha).expand(copies, -1, -1)
+        mu, var = h * lam, (1 - lam) ** 2
+        cap = -0.5 * (1 + torch.log(var) - mu ** 2 - var)
+        t = mu + var.sqrt() * torch.randn(h.shape, generator=gen)
+        for blk in blocks[layer + 1 :]:
+            t = blk(t, attn_mask=mask)
+        feats = clip.ln_final(t[:, ids[0].argmax()]) @ clip.text_projection
+        cos = F.cosine_similarity(feats, image_features.expand(copies, -1), eps=1e-6)
+        loss = beta * cap.mean() - cos.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return cap.detach().mean(0).nansum(-1)
+
+
+def test_m2ib_text_is_the_reference_on_unpadded_ids(tiny, batch_for):
+    """The M2IB text map on ids padded to 77 equals the reference's computation on the unpadded
+    ids (reference settings; 3 noise copies instead of 10 to keep the test cheap): the capacity mean runs over the real tokens only (averaging over 77 positions
+    made β ~10× weaker on a short caption)."""
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    length = int(tokens.pool_index[0]) + 1
+    image_features = tiny.encode_image(pixels)
+    want = m2ib_reference_text(tiny.model, tokens.ids[:, :length], image_features, int(seeds[0]), copies=3)
+    got = M2IB(modality="text", copies=3)(tiny, pixels, tokens, seeds)[0]  # reference steps, β, lr
+    assert torch.allclose(got[:length], want, rtol=1e-4), (got[:length], want)
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])
@@ -177,3 +224,35 @@ def test_cpu_micro_batches_give_the_whole_batch_maps(tiny, batch_for, make):
     whole = explainer(tiny, pixels, tokens, seeds)
     explainer.cpu_micro_batch = 3  # split 3 + 1
     assert torch.allclose(explainer(tiny, pixels, tokens, seeds), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_abm_per_draw_is_a_loop_of_separate_backward_passes(tiny, batch_for):
+    """``grad_accumulation: per_draw`` = the reference's accumulation: per step, one forward and
+    one backward pass per noise draw, the gradients summed in draw order (here by ``backward()``
+    accumulating into ``x.grad``), then the sign."""
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    steps, k = 3, 3
+    abm = ABM(steps=steps, noise_samples=k, grad_accumulation="per_draw", record_path=True)
+    abm(tiny, pixels, tokens, seeds)
+    tower, target = tiny.vision, tiny.encode_text(tokens)
+    z = hidden_before(tiny, "image", pixels, tokens, LAYER)
+    gen = torch.Generator().manual_seed(int(seeds[0]))  # the per-sample noise stream (SampleRng)
+    x, want = z.clone(), [z]
+    for _ in range(steps):
+        lam = x / z
+        eps = torch.randn((k, *z.shape[1:]), generator=gen)
+        x = x.detach().requires_grad_(True)
+        for j in range(k):
+            with torch.enable_grad():
+                out, _ = tower.run(x + (1 - lam) * eps[j], None, start=LAYER)
+                (F.normalize(tower.pool(out), dim=-1) * target).sum().backward()
+        x = torch.clamp(x.detach() + z.abs() / steps * x.grad.sign(), z.clamp(max=0), z.clamp(min=0))
+        want.append(x)
+    assert all(torch.equal(a, b) for a, b in zip(abm.debug["path"], want))
+
+
+def test_abm_bad_accumulation_is_a_user_error():
+    from clip_xai.errors import ClipXaiError
+
+    with pytest.raises(ClipXaiError, match="grad_accumulation"):
+        ABM(grad_accumulation="sequential")

@@ -69,24 +69,77 @@ def test_mfaba_two_step_path(tiny, batch_for):
     assert torch.allclose(got, attr.mean(1), rtol=1e-3, atol=1e-12)
 
 
-def test_mfaba_embedding_two_step_path_text(tiny, batch_for):
-    """Text (NIB): sign steps of 0.01 down the similarity on the token-embedding output."""
-    pixels, tokens, seeds = batch_for(tiny)
+def nib_mfaba_vision(clip, pixels, text_features, steps=10):
+    """NIB ``mfaba_vision`` re-done on the native open_clip modules, one image at a time: sign steps
+    of 0.01 on ``get_hs`` (patches + CLS + positions, BEFORE ln_pre) down cos(f_I, f_T);
+    attribution −Σ Δhs ⊙ g, nansum over D, CLS dropped."""
+    import open_clip
+
+    v = clip.visual
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    maps = []
+    for i in range(pixels.shape[0]):
+        with torch.no_grad():
+            p = v.conv1((pixels[i : i + 1] - mean) / std).flatten(2).transpose(1, 2)
+            hs = torch.cat([v.class_embedding.expand(1, 1, -1), p], dim=1) + v.positional_embedding
+        attr = torch.zeros_like(hs)
+        for _ in range(steps):
+            hs = hs.detach().requires_grad_(True)
+            feats = v.ln_post(v.transformer(v.ln_pre(hs))[:, 0]) @ v.proj
+            loss = torch.nn.functional.cosine_similarity(feats, text_features[i : i + 1]).mean()
+            (g,) = torch.autograd.grad(loss, [hs])
+            nxt = hs.detach() - 0.01 * g.sign()
+            attr -= (nxt - hs.detach()) * g
+            hs = nxt
+        maps.append(attr.nansum(-1)[0, 1:])
+    return torch.stack(maps)
+
+
+def test_mfaba_attention_image_is_nib(tiny, batch_for):
+    """The default attention variant equals NIB's computation (path before the pre-LayerNorm)."""
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    clip = tiny.model
     with torch.no_grad():
-        e, bias = tiny.text.embed(tokens)
-        img = tiny.encode_image(pixels)
-    attr = torch.zeros_like(e)
-    for _ in range(2):
-        with torch.enable_grad():
-            e = e.detach().requires_grad_(True)
-            out, _ = tiny.text.run(e, bias)
-            s = (torch.nn.functional.normalize(tiny.text.pool(out, tokens), dim=-1) * img).sum()
-            (g,) = torch.autograd.grad(s, [e])
-        nxt = e.detach() - 0.01 * g.sign()
-        attr -= (nxt - e.detach()) * g
-        e = nxt
-    got = MFABA(modality="text", steps=2, reduce="sum")(tiny, pixels, tokens, seeds)
-    assert torch.allclose(got, attr.sum(-1), rtol=1e-3, atol=1e-9)
+        text_features = clip.encode_text(tokens.ids)
+    want = nib_mfaba_vision(clip, pixels, text_features, steps=4)
+    got = MFABA(variant="attention", reduce="sum", steps=4)(tiny, pixels, tokens, seeds)
+    assert torch.allclose(got.flatten(1), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_mfaba_text_is_nib_table_steps(tiny, batch_for):
+    """Text = NIB ``mfaba_text``: sign steps of 0.01 on the token-embedding TABLE of a copy of the
+    model, down the logit; a row's gradient sums all positions holding its id, so repeated words
+    ("a", "cat" below) move together and get the same score."""
+    import copy
+
+    pixels, _, seeds = batch_for(tiny, 1)
+    tokens = tiny.tokenize(["a cat on a mat with a cat"])
+    clip = copy.deepcopy(tiny.model)
+    table = clip.token_embedding.weight
+    with torch.no_grad():
+        image_features = tiny.encode_image(pixels)  # (native encode_image wants normalised pixels)
+    ids = tokens.ids[0]
+    attr = torch.zeros(ids.shape[0], table.shape[1])
+    for _ in range(4):
+        table.requires_grad_(True)
+        logit = clip.logit_scale.exp() * (torch.nn.functional.normalize(clip.encode_text(tokens.ids), dim=-1)
+                                          * image_features).sum()
+        (g,) = torch.autograd.grad(logit, [table])
+        with torch.no_grad():
+            step = -0.01 * g.sign()
+            attr -= step[ids] * g[ids]
+            table.add_(step)
+    want = attr.nansum(-1)
+    got = MFABA(modality="text", variant="attention", reduce="sum", steps=4)(tiny, pixels, tokens, seeds)[0]
+    got = got * clip.logit_scale.exp()
+    real = tokens.attention_mask[0].bool()
+    assert torch.allclose(got[real], want[real], rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert not got[~real].any()  # padding never moves
+    words = ids[real].tolist()
+    first = {w: words.index(w) for w in words}
+    assert any(words.count(w) > 1 for w in words)
+    assert all(got[i] == got[first[w]] for i, w in enumerate(words))
 
 
 CASES = [

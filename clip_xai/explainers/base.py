@@ -40,6 +40,18 @@ class SampleRng:
         """(B, *shape) standard normal draws, row b from sample b's generator."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.gens])
 
+    def normal_at(self, real: Tensor, copies: int, width: int, dtype=torch.float32) -> Tensor:
+        """(B, copies, N, width) standard normal draws at the positions where ``real`` (B, N) is
+        True, zero elsewhere. Sample b draws (copies, real[b].sum(), width) values, so its noise
+        depends on how many real tokens it has, not on how much padding follows them (the
+        references explain unpadded ids). With ``real`` all True this equals :meth:`normal`."""
+        b, n = real.shape
+        out = torch.zeros(b, copies, n, width, device=self.device, dtype=dtype)
+        for i, g in enumerate(self.gens):
+            pos = real[i].to(self.device).nonzero().squeeze(-1)
+            out[i][:, pos] = torch.randn((copies, pos.numel(), width), generator=g, device=self.device, dtype=dtype)
+        return out
+
 
 class Explainer:
     """Base class. ``modality`` picks which map :meth:`__call__` returns."""

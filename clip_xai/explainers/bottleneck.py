@@ -7,6 +7,10 @@ prior, summed over channels (``nansum``, as in YingWANGG/M2IB ``scripts/iba.py``
 reference). This module holds the capacity, the channel reduction, the map layout and the
 batching helpers (B samples × c noise copies as B·c rows, sample-major).
 
+Padding: a caption's padding positions get no noise and no weight in any mean (they are
+invisible to the real tokens: causal mask on CLIP, key-padding mask on AltCLIP), so a text map
+is the same however far the ids are padded, as for the references' unpadded ids.
+
 The other modality is fixed: an image map explains ``cos(f_I(t), f_T)`` with the detached text
 embedding ``f_T``; a text map explains ``cos(f_T(t), f_I)`` with the detached image embedding.
 """
@@ -22,13 +26,16 @@ from clip_xai.types import TextTokens
 LOG_EPS = 1e-9  # added to σ² inside the log (ABM reference; keeps λ = 1, σ² = 0 finite)
 
 
-def capacity(mu: Tensor, var: Tensor) -> Tensor:
-    """Elementwise KL(N(μ, σ²) ‖ N(0, 1)) = −½(1 + log(σ² + 1e−9) − μ² − σ²).
+def capacity(mu: Tensor, var: Tensor, log_eps: float = LOG_EPS) -> Tensor:
+    """Elementwise KL(N(μ, σ²) ‖ N(0, 1)) = −½(1 + log(σ² + log_eps) − μ² − σ²).
 
-    Note: with σ² = 0 (λ = 1, nothing removed) this is ½(μ² − 1 − log 1e−9) ≈ ½μ² + 9.86, the
-    *largest* value, not zero: the capped KL of a point mass.
+    ``log_eps = 1e−9`` is ABM's reference; with σ² = 0 (λ = 1, nothing removed) this is
+    ½(μ² − 1 − log 1e−9) ≈ ½μ² + 9.86, the *largest* value, not zero: the capped KL of a point
+    mass. ``log_eps = 0`` is M2IB's reference, the exact ``log σ²`` (σ² = 0 exactly is floored at
+    the smallest normal float, so the score stays finite where the reference's would be inf).
     """
-    return -0.5 * (1 + torch.log(var + LOG_EPS) - mu.pow(2) - var)
+    logv = torch.log(var + log_eps) if log_eps > 0 else torch.log(var.clamp_min(torch.finfo(var.dtype).tiny))
+    return -0.5 * (1 + logv - mu.pow(2) - var)
 
 
 def token_scores(cap: Tensor) -> Tensor:
@@ -66,6 +73,14 @@ class Side:
         self.inputs = pixels if modality == "image" else tokens
         self.target = other_target(model, modality, pixels, tokens)
         self.batch = self.target.shape[0]
+
+    def real_tokens(self, n: int) -> Tensor:
+        """(B, n) bool: the positions that are part of the input (every image token; the attended
+        caption tokens, padding excluded). Noise and capacity means use these only, so padding
+        changes no map (the references explain unpadded ids)."""
+        if self.modality == "image":
+            return torch.ones(self.batch, n, dtype=torch.bool, device=self.target.device)
+        return self.inputs.attention_mask.bool().to(self.target.device)
 
     def hidden(self, before: int) -> tuple[Tensor, Tensor | None]:
         """Detached hidden state right before block ``before`` (= output of block ``before − 1``)."""

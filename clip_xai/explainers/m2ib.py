@@ -22,7 +22,10 @@ class M2IB(Explainer):
     block ``layer`` (the input of block ``layer + 1``; all tokens, CLS/SOT/EOT included) is
     replaced by λ·h + (1−λ)·ε with ε ~ N(0, 1) drawn per sample from :class:`SampleRng`, for
     ``copies`` noise copies per sample (run as B·copies rows). The loss of a sample is
-    ``beta · mean(capacity) − mean over copies cos(f(t), target)``; samples' losses are summed,
+    ``beta · mean(capacity) − mean over copies cos(f(t), target)``, the capacity mean taken over
+    the real tokens × channels (a caption's padding is excluded: the reference explains unpadded
+    ``tokenizer.encode`` ids, so averaging over 77 padded positions made β ~10× weaker on short
+    captions; padding positions also get no noise); samples' losses are summed,
     so each sample's α gets exactly its single-sample gradient (Adam is per element, so batch
     mates never interact). The map is the capacity (μ = λh, σ² = (1−λ)², features not
     standardised: the reference estimator has mean 0, std 1) of the **last** training forward
@@ -33,8 +36,9 @@ class M2IB(Explainer):
     the other modality's embedding is computed once, unperturbed (the reference runs it in the
     same forward, which is equivalent). Text modality: the same on the text tower against the
     image embedding, per token over the full sequence (masking to caption tokens is shared
-    post-processing). ``log(σ² + 1e−9)`` is used (shared with ABM); at the default λ ≤ 0.9933 the
-    ε is negligible. ``lambda_override`` (test hook, not a hyperparameter) fixes λ everywhere and
+    post-processing). The capacity uses the exact ``log σ²`` of the reference (ABM's reference adds 1e−9,
+    which would cap elements whose α grows during training: after 10 Adam steps at lr 1, α reaches
+    ~15, σ² ~1e−13). ``lambda_override`` (test hook, not a hyperparameter) fixes λ everywhere and
     skips training; λ = 1 leaves the embedding unchanged.
     """
 
@@ -63,22 +67,24 @@ class M2IB(Explainer):
         h, bias = side.hidden(start)
         return side, start, h.float(), side.repeated(bias, self.copies)
 
-    def _bottleneck(self, rep: Repeated, start: int, h: Tensor, lam: Tensor, rng: SampleRng) -> Tensor:
+    def _noise(self, rng: SampleRng, real: Tensor, d: int) -> Tensor:
+        """ε for the B·copies rows, drawn at the real tokens only (zero on padding)."""
+        return rng.normal_at(real, self.copies, d).flatten(0, 1)
+
+    def _bottleneck(self, rep: Repeated, start: int, h: Tensor, lam: Tensor, eps: Tensor) -> Tensor:
         """cos of the B·copies bottlenecked rows, averaged per sample → (B,)."""
-        b, n, d = h.shape
-        eps = rng.normal(self.copies, n, d).flatten(0, 1)
         lam_r = repeat_rows(lam, self.copies)
         t = lam_r * repeat_rows(h, self.copies) + (1 - lam_r) * eps
-        return rep.similarity(t, start).view(b, self.copies).mean(1)
+        return rep.similarity(t, start).view(h.shape[0], self.copies).mean(1)
 
     def bottleneck_embeddings(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor,
                               lam: float) -> Tensor:
         """Test hook: unit embeddings (B, copies, E) of the explained tower with a constant λ."""
         side, start, h, rep = self._setup(model, pixels, tokens)
         b, n, d = h.shape
-        rng = SampleRng(seeds, h.device)
+        eps = self._noise(SampleRng(seeds, h.device), side.real_tokens(n), d)
         lam_r = torch.full((b * self.copies, n, d), float(lam), device=h.device)
-        t = lam_r * repeat_rows(h, self.copies) + (1 - lam_r) * rng.normal(self.copies, n, d).flatten(0, 1)
+        t = lam_r * repeat_rows(h, self.copies) + (1 - lam_r) * eps
         with torch.no_grad():
             out, _ = side.tower.run(t.to(h.dtype), rep.bias, start=start)
             emb = torch.nn.functional.normalize(side.tower.pool(out, rep.inputs), dim=-1)
@@ -89,20 +95,22 @@ class M2IB(Explainer):
         rng = SampleRng(seeds, h.device)
         if self.lambda_override is not None:
             lam = torch.full_like(h, float(self.lambda_override))
-            return layout(model, self.modality, token_scores(capacity(lam * h, (1 - lam) ** 2)))
+            return layout(model, self.modality, token_scores(capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)))
+        real = side.real_tokens(h.shape[1])
+        weight = (real.float() / (real.sum(1, keepdim=True) * h.shape[2]))[..., None]  # mean over real (N, D)
         alpha = torch.full_like(h, float(self.init)).requires_grad_(True)
         opt = torch.optim.Adam([alpha], lr=self.lr)
         cap = None
         with torch.enable_grad():
             for _ in range(self.steps):
                 lam = torch.sigmoid(alpha)
-                cos = self._bottleneck(rep, start, h, lam, rng)
-                cap = capacity(lam * h, (1 - lam) ** 2)
-                loss = (self.beta * cap.mean(dim=(1, 2)) - cos).sum()
+                cos = self._bottleneck(rep, start, h, lam, self._noise(rng, real, h.shape[2]))
+                cap = capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)
+                loss = (self.beta * (cap * weight).sum(dim=(1, 2)) - cos).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         if cap is None:  # steps = 0: the initial bottleneck
             lam = torch.sigmoid(alpha.detach())
-            cap = capacity(lam * h, (1 - lam) ** 2)
+            cap = capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)
         return layout(model, self.modality, token_scores(cap.detach()))

@@ -10,12 +10,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clip_xai.explainers.base import cosine, grad, image_target, pixel_gradient, text_target
-from clip_xai.explainers.saliency import REDUCTIONS, _GradientExplainer, check_choice, reduce_channels, text_input_gradient
+from clip_xai.explainers.base import cosine, grad, other_target, pixel_gradient, text_target, tower_for
+from clip_xai.explainers.saliency import REDUCTIONS, _GradientExplainer, check_choice, reduce_channels
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
 UPDATES = ("l2", "sign")
+
+
+def same_token(tokens: TextTokens) -> Tensor:
+    """(B, L, L) 1 where positions i, j hold the same id and both are real (attended) tokens.
+
+    NIB steps rows of the token-embedding *table*: a row's gradient is the sum over every position
+    holding that id, and the step moves all of them together; ``same_token @ g`` is that sum.
+    """
+    real = tokens.attention_mask.bool()
+    same = tokens.ids[:, :, None] == tokens.ids[:, None, :]
+    return (same & real[:, :, None] & real[:, None, :]).float()
 
 
 def descend(x: Tensor, g: Tensor, alpha: float, update: str) -> Tensor:
@@ -36,14 +47,20 @@ class MFABA(_GradientExplainer):
     * ``pixel`` (default) on images: x₀ = the [0, 1] pixels, g_t = ∂s/∂x_t, MFABA "sharp" step
       x_{t+1} = clip_[0,1](x_t − α·g_t/‖g_t‖₂) with α = 0.1 (0.001 × 100), then ``reduce`` over
       channels → (B, H, W).
-    * ``attention`` (alias ``embedding``; NIB) on images: x₀ = the token-embedding output of
-      ``Tower.embed`` (patch + CLS + positions; note this engine's embed also applies
-      ``ln_pre``/``pre_layrnorm``, NIB's ``hs`` is taken before it), sign step α = 0.01, then
-      ``reduce`` over D (NIB: nansum ≡ mean after min-max), CLS dropped → (B, h, w).
-    * Text (either variant; a caption has no pixels): the NIB text path on the caption's token
-      embeddings, via ``Tower.embed`` + ``run`` (NIB edits the embedding-table rows; here it is
-      the per-position embedding output, so repeated ids and positions are separate), sign
-      step α = 0.01, ``reduce`` over D → (B, L).
+    * ``attention`` (alias ``embedding``; NIB ``mfaba_vision``) on images: x₀ = the summed input
+      embeddings (patches + CLS + positions, ``Tower.input_embedding``) *before* ``ln_pre`` /
+      ``pre_layrnorm``, as NIB's ``get_hs``; the gradient runs through that LayerNorm. Sign step
+      α = 0.01, then ``reduce`` over D (NIB: nansum ≡ mean after min-max), CLS dropped → (B, h, w).
+      (Starting after the LayerNorm, as this module did before, gives a different map: the
+      pre-LN gradient carries each token's 1/σ, and a sign step of 0.01 is a different move.)
+    * Text (either variant; a caption has no pixels; NIB ``mfaba_text``): NIB steps the rows of
+      the token-embedding table. Here x₀ = the summed input embeddings (token rows + positions,
+      before AltCLIP's embedding LayerNorm) and each position's gradient is replaced by the sum
+      over the caption's positions holding the same id (:func:`same_token`), so repeated ids
+      move together and score alike, exactly as a table row does. Sign step α = 0.01,
+      ``reduce`` over D → (B, L). Padding positions have no gradient and never move.
+      NIB differentiates the logit (logit_scale·cos): the same signs and a map scaled by a
+      constant, which min-max removes.
 
     ``alpha``/``update`` null pick those per-space defaults; a value overrides both spaces.
     """
@@ -75,26 +92,23 @@ class MFABA(_GradientExplainer):
             target = text_target(model, tokens)
             attr = self._path(pixels, lambda x: pixel_gradient(model, x, target)[0], *self._settings(True), clip=True)
             return reduce_channels(attr, self.reduce, "image")
-        alpha, update = self._settings(False)
-        if self.modality == "image":
-            target = text_target(model, tokens)
-            tower = model.vision
-            with torch.no_grad():
-                x0, bias = tower.embed(pixels)
-
-            def gradient(x: Tensor) -> Tensor:
-                with torch.enable_grad():
-                    x = x.detach().requires_grad_(True)
-                    out, _ = tower.run(x, bias)
-                    (g,) = grad(cosine(tower.pool(out, pixels), target), [x])
-                return g
-
-            attr = self._path(x0, gradient, alpha, update, clip=False)
-            return model.patch_map(REDUCTIONS[self.reduce](attr, -1))
-        target = image_target(model, pixels)
+        tower = tower_for(model, self.modality)
+        inputs = pixels if self.modality == "image" else tokens
+        target = other_target(model, self.modality, pixels, tokens)
         with torch.no_grad():
-            x0, _ = model.text.embed(tokens)
-        attr = self._path(x0, lambda x: text_input_gradient(model, tokens, target, x)[1], alpha, update, clip=False)
+            e0, bias = tower.input_embedding(inputs)
+        tie = None if self.modality == "image" else same_token(tokens)
+
+        def gradient(e: Tensor) -> Tensor:
+            with torch.enable_grad():
+                e = e.detach().requires_grad_(True)
+                out, _ = tower.run(tower.embedding_norm(e), bias)
+                (g,) = grad(cosine(tower.pool(out, inputs), target), [e])
+            return g if tie is None else tie @ g.float()
+
+        attr = self._path(e0, gradient, *self._settings(False), clip=False)
+        if self.modality == "image":
+            return model.patch_map(REDUCTIONS[self.reduce](attr, -1))
         return reduce_channels(attr, self.reduce, "text")
 
     def _path(self, x: Tensor, gradient, alpha: float, update: str, clip: bool) -> Tensor:

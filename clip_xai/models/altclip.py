@@ -116,16 +116,18 @@ class AltClipText(Tower):
         real = ids.ne(self.pad_id).long()
         return torch.cumsum(real, dim=1) * real + self.pad_id
 
-    def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
+    def input_embedding(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
         emb = self.text_model.roberta.embeddings
         ids = tokens.ids
         x = (emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
              + emb.position_embeddings(self.position_ids(ids)))
-        x = emb.LayerNorm(x)
         keep = tokens.attention_mask.to(torch.bool)[:, None, None, :]  # (B,1,1,L): mask padded keys
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)  # HF's additive eager mask value
         return x, bias
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.text_model.roberta.embeddings.LayerNorm(e)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index

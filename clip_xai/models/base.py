@@ -133,8 +133,9 @@ class BlockOps:
 class Tower(nn.Module):
     """A vision or text transformer run block by block (see module docstring).
 
-    Subclasses implement ``embed`` (inputs → hidden states before block 0, plus the additive
-    attention bias), ``pool`` (final hidden states → projected embedding) and
+    Subclasses implement ``input_embedding`` (inputs → summed embeddings, plus the additive
+    attention bias) and ``embedding_norm`` when a LayerNorm precedes block 0 (together they are
+    ``embed``: the hidden state before block 0), ``pool`` (final hidden states → projected embedding) and
     ``project_tokens`` (the same head applied to every token), and set ``blocks``.
 
     The bias is None, a shared (N, N) mask (CLIP's causal text mask) or a per-sample
@@ -163,7 +164,18 @@ class Tower(nn.Module):
         return self.blocks[0].n_heads
 
     def embed(self, inputs) -> tuple[Tensor, Tensor | None]:
+        """(hidden state entering block 0, attention bias): :meth:`embedding_norm` of :meth:`input_embedding`."""
+        e, bias = self.input_embedding(inputs)
+        return self.embedding_norm(e), bias
+
+    def input_embedding(self, inputs) -> tuple[Tensor, Tensor | None]:
+        """The sum of the learned embeddings (patches or token rows, class token, positions) before
+        any normalisation, and the attention bias. NIB's MFABA path starts here (``get_hs``)."""
         raise NotImplementedError
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        """The normalisation between :meth:`input_embedding` and block 0 (identity when there is none)."""
+        return e
 
     def pool_index(self, inputs) -> Tensor:
         raise NotImplementedError

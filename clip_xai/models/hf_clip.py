@@ -98,7 +98,7 @@ class HfClipVision(Tower):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
+    def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ClipXaiError(
                 f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
@@ -110,8 +110,10 @@ class HfClipVision(Tower):
         x = x.flatten(2).transpose(1, 2)
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype)
-        return self.vision_model.pre_layrnorm(x), None
+        return x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype), None
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.vision_model.pre_layrnorm(e)
 
     def pool_index(self, pixels: Tensor) -> Tensor:
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
@@ -133,7 +135,7 @@ class HfClipText(Tower):
         self.blocks = [HfClipBlock(layer) for layer in self.text_model.encoder.layers]
         self.width = self.text_model.config.hidden_size
 
-    def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
+    def input_embedding(self, tokens: TextTokens) -> tuple[Tensor, Tensor]:
         emb = self.text_model.embeddings
         n = tokens.ids.shape[1]
         x = emb.token_embedding(tokens.ids) + emb.position_embedding.weight[:n]

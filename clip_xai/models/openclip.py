@@ -130,13 +130,15 @@ class OpenClipVision(_PixelInput, Tower):
             raise ClipXaiError(f"open_clip vision pool_type={self.pool_type!r} gives no image embedding",
                                "use a ViT config with pool_type 'tok' or 'avg', or an attentional pooler")
 
-    def embed(self, pixels: Tensor) -> tuple[Tensor, None]:
+    def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         v = self.visual
         x = v.conv1(self.normalise(pixels).to(v.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(x), None  # patch dropout is the identity in eval mode
+        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype), None  # patch dropout: identity in eval
+
+    def embedding_norm(self, e: Tensor) -> Tensor:
+        return self.visual.ln_pre(e)
 
     def pool_index(self, pixels: Tensor) -> Tensor:
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
@@ -225,7 +227,7 @@ class OpenClipText(Tower):
                                "use a causal or plain bidirectional text tower")
         self.pad_id = int(getattr(src, "pad_id", 0))
 
-    def embed(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
+    def input_embedding(self, tokens: TextTokens) -> tuple[Tensor, Tensor | None]:
         m = self.src
         n = tokens.ids.shape[1]
         x = m.token_embedding(tokens.ids) + m.positional_embedding[:n]
