@@ -23,6 +23,7 @@ from clip_xai.types import TextTokens
 
 class Chefer(Explainer):
     modalities = frozenset({"image", "text"})
+    differentiable = True
 
     def __init__(self, name: str = "chefer", modality: str = "image", layer: int = -1):
         super().__init__(name, modality)

@@ -35,6 +35,7 @@ from clip_xai.types import TextTokens
 
 class GAME(Explainer):
     modalities = frozenset({"image", "text"})
+    differentiable = True
 
     def __init__(self, name: str = "game", modality: str = "image", start_layer: int = -1, target_scale: float = 1.0):
         super().__init__(name, modality)

@@ -21,6 +21,7 @@ from clip_xai.types import TextTokens
 
 class Rollout(Explainer):
     modalities = frozenset({"image", "text"})
+    differentiable = True
 
     def __init__(self, name: str = "rollout", modality: str = "image", start_layer: int = -1):
         super().__init__(name, modality)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clip_xai.explainers.base import Explainer, pooled_rows
+from clip_xai.explainers.base import Explainer, maybe_no_grad, pooled_rows
 from clip_xai.models.base import ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
 
 class SelfAttention(Explainer):
     modalities = frozenset({"image", "text"})
+    differentiable = True
 
     def __init__(self, name: str = "selfattn", modality: str = "image", heads: str = "single", layer: int = -1):
         super().__init__(name, modality)
@@ -32,7 +33,7 @@ class SelfAttention(Explainer):
     def _row(self, tower: Tower, inputs, index: Tensor) -> Tensor:
         layer = tower.layer(self.layer)
         heads = {layer: 1} if self.heads == "single" else None
-        with torch.no_grad():
+        with maybe_no_grad():
             _, records = tower(inputs, record=(layer,), heads=heads, stop=layer + 1)
         return pooled_rows(records[layer].probs, index).mean(1)  # (B, N)
 
