@@ -45,8 +45,8 @@ class SensitivityStudy(Study):
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         model, explainer = ctx.model, ctx.explainer
         clean_raw = self.clean_maps(ctx, prep)
-        pert = ctx.perturbation.perturb(model, prep.pixels, prep.tokens, prep.seeds)
-        pert_pixels = pert.pixels
+        perturbed = ctx.perturbation.perturb(model, prep.pixels, prep.tokens, prep.seeds)
+        pert_pixels = perturbed.pixels
         linf = achieved_linf(prep.pixels, pert_pixels)
         bound = ctx.perturbation.linf_bound
         if bound is not None and bool((linf > bound + LINF_TOL).any()):
@@ -63,9 +63,9 @@ class SensitivityStudy(Study):
         flags = scores.pop("map_flag")
         cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
         cols["sim_orig"], cols["sim_pert"] = s_orig.double().cpu().tolist(), s_pert.double().cpu().tolist()
-        cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), pert.clamped.double().cpu().tolist()
+        cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), perturbed.clamped.double().cpu().tolist()
         n = len(prep.batch)
-        cols["objective"] = [float("nan")] * n if pert.objective is None else pert.objective.double().cpu().tolist()
+        cols["objective"] = [float("nan")] * n if perturbed.objective is None else perturbed.objective.double().cpu().tolist()
         params = ctx.perturbation.params_json()
         b = prep.batch
         labels = b.labels.tolist()
