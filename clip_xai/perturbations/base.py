@@ -58,15 +58,19 @@ class Space:
         return z if self.kind == "pixel" else z * self.std + self.mean
 
 
-def check_common(eps: float, space: str, direction: str | None = None) -> None:
-    """One clear error for an ε, space or direction a perturbation cannot take."""
+def check_common(eps: float, space: str) -> None:
+    """One clear error for an ε or space a perturbation cannot take."""
     if not 0.0 <= float(eps) <= 1.0:
         raise ClipXaiError(f"perturbation.eps={eps} is outside [0, 1] (it is in [0,1] units of the perturbation's space)",
                            "use e.g. perturbation.eps=0.0314 for 8/255")
     if space not in SPACES:
         raise ClipXaiError(f"perturbation.space={space!r} is not known",
                            "use perturbation.space=pixel (default) or normalized (the thesis's code)")
-    if direction is not None and direction not in DIRECTIONS:
+
+
+def check_direction(direction: str) -> None:
+    """One clear error for an unknown ``direction``."""
+    if direction not in DIRECTIONS:
         raise ClipXaiError(f"perturbation.direction={direction!r} is not known",
                            "use perturbation.direction=increase or decrease")
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from clip_xai.explainers.base import text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.perturbations.base import (
-    DIRECTIONS, Perturbation, Perturbed, Space, check_common, clamped_share, similarity_gradient,
+    DIRECTIONS, Perturbation, Perturbed, Space, check_direction, clamped_share, similarity_gradient,
 )
 from clip_xai.types import TextTokens
 
@@ -30,8 +30,8 @@ class FGSM(Perturbation):
     """Sign-gradient step of size ``eps`` (in units of ``space``) that raises (or lowers) similarity."""
 
     def __init__(self, eps: float, direction: str = "increase", space: str = "pixel", name: str = "fgsm"):
-        check_common(eps, space, direction)
         super().__init__(name, eps, space)
+        check_direction(direction)
         self.direction = direction
 
     def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Perturbed:

@@ -18,7 +18,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.perturbations.base import (
-    DIRECTIONS, Perturbation, Perturbed, Space, check_common, clamped_share, perturbation_rng, project,
+    DIRECTIONS, Perturbation, Perturbed, Space, check_direction, clamped_share, perturbation_rng, project,
     similarity_gradient, uniform,
 )
 from clip_xai.types import TextTokens
@@ -44,9 +44,9 @@ class PGD(Perturbation):
 
     def __init__(self, eps: float, steps: int = 10, alpha: float | None = None, random_start: bool = False,
                  direction: str = "increase", space: str = "pixel", name: str = "pgd"):
-        check_common(eps, space, direction)
-        check_steps(steps, alpha)
         super().__init__(name, eps, space)
+        check_direction(direction)
+        check_steps(steps, alpha)
         self.steps = int(steps)
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else float(alpha)
         self.random_start = bool(random_start)
