@@ -20,8 +20,13 @@ ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", 
 
 # Sensitivity rows: one per (sample, eps). Score directions: higher = more stable for all four
 # map metrics; sim_diff is the relative similarity change (s_pert - s_orig) / s_orig.
+# What the perturbation did: perturbation (its label: fgsm, pgd, noise_sign, noise_gaussian,
+# map_attack, map_attack(<surrogate>)), perturbation_params (JSON of all its settings, space
+# included), linf (achieved L-inf pixel change, [0,1] units), clamped (share of values its final
+# [0,1] clamp changed), objective (map_attack's objective at the returned image, else NaN).
 SENSITIVITY_COLUMNS = ID_COLUMNS + [
-    "perturbation", "eps", "sim_orig", "sim_pert", "sim_diff",
+    "perturbation", "perturbation_params", "eps", "linf", "clamped", "objective",
+    "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
     "sparseness", "complexity", "sparseness_pert", "complexity_pert",  # of the clean / perturbed map
     "map_flag",  # "" if both maps are usable, else "constant_clean", "nan_pert", ... (metrics are NaN)

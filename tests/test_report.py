@@ -74,6 +74,7 @@ def sens_rows(expl: str, eps: float, seed: int) -> pd.DataFrame:
         valid[:FLAGGED] = False
         flag[:FLAGGED] = "constant_clean"
     df = pd.DataFrame({**ident(expl, "sensitivity"), "perturbation": "gaussian", "eps": eps,
+                       "perturbation_params": "{}", "linf": eps, "clamped": 0.0, "objective": np.nan,
                        "sim_orig": 0.3, "sim_pert": 0.29, "sim_diff": rng.normal(-0.05, 0.02, N),
                        **{m: centred(rng, true_mean(expl, eps, m), valid) for m in OFFSET}, "map_flag": flag,
                        "sparseness": 0.5, "complexity": 9.0, "sparseness_pert": 0.5, "complexity_pert": 9.0,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.base import cosine, grad
+from clip_xai.explainers.base import cosine, grad, maybe_detach, maybe_no_grad
 from clip_xai.models.base import BlockRecord, ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
@@ -72,14 +72,15 @@ def similarity_from(
 ) -> tuple[Tensor, dict[int, BlockRecord]]:
     """Cosine(embedding, target) (B,) with a graph from the input of block ``first`` onward.
 
-    Blocks ``0..first-1`` run without gradients; ``record`` (all ≥ ``first``) are recorded.
+    Blocks ``0..first-1`` run without gradients (inside ``keep_graph``: with, from the pixels);
+    ``record`` (all ≥ ``first``) are recorded.
     """
     tower = s.tower
-    with torch.no_grad():
+    with maybe_no_grad():
         x, bias = tower.embed(s.inputs)
         x, _ = tower.run(x, bias, stop=first, heads=heads)
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+        x = x if x.requires_grad else x.detach().requires_grad_(True)  # graph kept from the pixels
         x, records = tower.run(x, bias, start=first, record=record, heads=heads)
         return cosine(tower.pool(x, s.inputs), target), records
 
@@ -94,12 +95,13 @@ def attention_and_grads(
     sim, records = similarity_from(s, target, blocks[0], blocks, heads)
     probs = [records[b].probs for b in blocks]
     grads = grad(scale * sim, probs)
-    return [p.detach() for p in probs], grads
+    return [maybe_detach(p) for p in probs], grads
 
 
 def attention_probs(s: Side, blocks: list[int], heads: dict[int, int] | None = None) -> list[Tensor]:
-    """Attention probabilities (B,H,N,N) of ``blocks`` (no gradients; the forward stops after them)."""
-    with torch.no_grad():
+    """Attention probabilities (B,H,N,N) of ``blocks`` (no gradients outside ``keep_graph``; the
+    forward stops after them)."""
+    with maybe_no_grad():
         _, records = s.tower(s.inputs, record=blocks, heads=heads, stop=max(blocks) + 1)
     return [records[b].probs for b in blocks]
 

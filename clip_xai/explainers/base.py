@@ -11,12 +11,15 @@ serves both.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.models.base import CAPABILITIES, BlockRecord, ClipAdapter, Tower
@@ -67,6 +70,11 @@ class Explainer:
     #: the setting ``attr`` is ``value``; ``&`` joins conditions. Checked at start-up, so a model
     #: without them gets one clear error instead of a shape error mid-run.
     requires: dict[str, frozenset[str]] = {}
+    #: True when ``explain`` builds the image map as a differentiable function of the pixels under
+    #: :func:`keep_graph` (no ``no_grad``/``detach`` on the path, gradients taken with
+    #: ``create_graph``), so an attack on the map itself (``perturbation=map_attack``) can
+    #: backpropagate through it. Iterative or sampling methods (RISE, M2IB, ABM, MFABA) leave it False.
+    differentiable: bool = False
 
     def __init__(self, name: str, modality: str = "image"):
         self.name = name
@@ -145,6 +153,48 @@ class Explainer:
         return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# --- differentiable maps (double backpropagation) --------------------------------------------
+
+_KEEP_GRAPH = contextvars.ContextVar("clip_xai_keep_graph", default=False)
+
+
+@contextlib.contextmanager
+def keep_graph():
+    """Inside, explainers with ``differentiable = True`` return maps that keep their graph to the
+    pixels they were given (which must require grad): inner gradients are taken with
+    ``create_graph=True`` and nothing on the path is detached. Attention runs on the plain math
+    kernel, the only one with a double backward on every device."""
+    token = _KEEP_GRAPH.set(True)
+    try:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        _KEEP_GRAPH.reset(token)
+
+
+def graph_kept() -> bool:
+    """True inside :func:`keep_graph`."""
+    return _KEEP_GRAPH.get()
+
+
+def maybe_no_grad():
+    """``torch.no_grad()``, except inside :func:`keep_graph` (then a no-op)."""
+    return contextlib.nullcontext() if graph_kept() else torch.no_grad()
+
+
+def maybe_detach(t: Tensor) -> Tensor:
+    """``t.detach()``, except inside :func:`keep_graph`."""
+    return t if graph_kept() else t.detach()
+
+
+def _grad_input(pixels: Tensor) -> Tensor:
+    """The leaf a method differentiates: a fresh detached copy, or, inside :func:`keep_graph`, the
+    caller's pixels themselves when they already carry a graph."""
+    if graph_kept() and pixels.requires_grad:
+        return pixels
+    return pixels.detach().requires_grad_(True)
+
+
 # --- forward helpers shared by the methods -------------------------------------------------
 
 
@@ -178,7 +228,7 @@ def cosine(emb: Tensor, unit_target: Tensor) -> Tensor:
 def vision_similarity(model: ClipAdapter, pixels: Tensor, target: Tensor, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
     """Cosine(image, target) with the graph kept so records can be differentiated."""
     with torch.enable_grad():
-        px = pixels.detach().requires_grad_(True)
+        px = _grad_input(pixels)
         emb, records = model.vision(px, **run_kwargs)
         return cosine(emb, target), records
 
@@ -186,15 +236,17 @@ def vision_similarity(model: ClipAdapter, pixels: Tensor, target: Tensor, **run_
 def pixel_gradient(model: ClipAdapter, pixels: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(∂cos(f_I(x), target)/∂x, cos) for [0,1] pixels x, per sample."""
     with torch.enable_grad():
-        px = pixels.detach().requires_grad_(True)
+        px = _grad_input(pixels)
         s = cosine(model.vision(px)[0], target)
         (g,) = grad(s, [px])
     return g, s.detach()
 
 
 def grad(output: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    """Per-sample gradients of a (B,) output (samples are independent, so sum is exact)."""
-    return list(torch.autograd.grad(output.sum(), inputs))
+    """Per-sample gradients of a (B,) output (samples are independent, so sum is exact); inside
+    :func:`keep_graph` they keep their own graph (``create_graph``) for a second derivative."""
+    kept = graph_kept()
+    return list(torch.autograd.grad(output.sum(), inputs, create_graph=kept, retain_graph=kept))
 
 
 def pooled_rows(t: Tensor, index: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from clip_xai.types import TextTokens
 class Chefer(Explainer):
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"attention", "pooled_token"})}
+    differentiable = True
 
     def __init__(self, name: str = "chefer", modality: str = "image", layer: int = -1):
         super().__init__(name, modality)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.attention import minmax_masked, pooled_vector, side, similarity_from
-from clip_xai.explainers.base import Explainer, grad, other_target, tower_for
+from clip_xai.explainers.base import Explainer, grad, maybe_detach, maybe_no_grad, other_target, tower_for
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -41,6 +41,7 @@ from clip_xai.types import TextTokens
 class GradECLIP(Explainer):
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"attention", "pooled_token"})}
+    differentiable = True
 
     def __init__(self, name: str = "eclip", modality: str = "image", single_head: bool = True, withksim: bool = True,
                  ksim_proj: bool = True, image_layers: int = 1, text_layers: int = 8, ksim_keys: str = "all"):
@@ -81,13 +82,13 @@ class GradECLIP(Explainer):
         else:
             keys = s.token_mask(tokens.ids.shape[1])
         scores = []
-        with torch.no_grad():
+        with maybe_no_grad():
             for b, g in zip(blocks, grads):
                 rec = records[b]
-                v = rec.merged("v").detach()
+                v = maybe_detach(rec.merged("v"))
                 m = (pooled_vector(g, s.pool)[:, None, :] * v).sum(-1)  # (B,N)
                 if self.withksim:
-                    q, k = rec.merged("q").detach(), rec.merged("k").detach()
+                    q, k = maybe_detach(rec.merged("q")), maybe_detach(rec.merged("k"))
                     if self.ksim_proj:
                         q, k = tower.blocks[b].out_proj(q), tower.blocks[b].out_proj(k)
                     lam = F.cosine_similarity(pooled_vector(q, s.pool)[:, None, :], k, dim=-1)

@@ -25,6 +25,8 @@ class FastIG(_GradientExplainer):
     the ABE-XAI demo averages channels). ``attention`` (NIB): A ⊙ ∂s/∂A of block ``layer``
     (last by default), pooled row, mean over heads."""
 
+    differentiable = True
+
     def __init__(self, name: str = "fastig", modality: str = "image", variant: str = "pixel",
                  reduce: str = "mean", layer: int = -1):
         super().__init__(name, modality, variant, reduce, layer)

@@ -54,6 +54,7 @@ def target_scale_setting(value: float | str) -> float | str:
 class GAME(Explainer):
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"attention", "pooled_token"})}
+    differentiable = True
 
     def __init__(self, name: str = "game", modality: str = "image", start_layer: int = -1,
                  target_scale: float | str = "logit"):

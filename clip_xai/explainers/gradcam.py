@@ -19,6 +19,7 @@ from clip_xai.types import TextTokens
 class GradCAM(Explainer):
     modalities = frozenset({"image"})
     requires = {"*": frozenset({"attention"})}
+    differentiable = True
 
     def __init__(self, name: str = "gradcam", modality: str = "image", layer: int = -1, single_head_last: bool = True):
         super().__init__(name, modality)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip_xai.explainers.base import Explainer, pooled_rows, text_target
+from clip_xai.explainers.base import Explainer, maybe_no_grad, pooled_rows, text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
 
@@ -34,6 +34,7 @@ from clip_xai.types import TextTokens
 class MaskCLIP(Explainer):
     modalities = frozenset({"image"})
     requires = {"*": frozenset({"attention", "pooled_token", "token_head"})}
+    differentiable = True
 
     def __init__(self, name: str = "maskclip", modality: str = "image", ksim: bool = True):
         super().__init__(name, modality)
@@ -44,7 +45,7 @@ class MaskCLIP(Explainer):
         last = tower.n_layers - 1
         block = tower.blocks[last]
         target = text_target(model, tokens)
-        with torch.no_grad():
+        with maybe_no_grad():
             _, records = tower(pixels, record=(last,))
             rec = records[last]
             v_final = block.post_attn(rec.x_in, block.out_proj(rec.merged("v")))

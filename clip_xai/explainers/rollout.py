@@ -22,6 +22,7 @@ from clip_xai.types import TextTokens
 class Rollout(Explainer):
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"attention", "pooled_token"})}
+    differentiable = True
 
     def __init__(self, name: str = "rollout", modality: str = "image", start_layer: int = -1):
         super().__init__(name, modality)

@@ -122,6 +122,8 @@ class Saliency(_GradientExplainer):
     ``SaliencyMap`` and the METHODS.md recommendation (captum in LMBTough/MFABA keeps the sign).
     ``attention``: mean over heads of |∂s/∂A| on the pooled row of block ``layer`` (NIB)."""
 
+    differentiable = True
+
     def __init__(self, name: str = "saliency", modality: str = "image", variant: str = "pixel",
                  reduce: str = "mean", layer: int = -1):
         super().__init__(name, modality, variant, reduce, layer)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.base import Explainer, pooled_rows, tower_for
+from clip_xai.explainers.base import Explainer, maybe_no_grad, pooled_rows, tower_for
 from clip_xai.models.base import ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
@@ -25,6 +25,7 @@ from clip_xai.types import TextTokens
 class SelfAttention(Explainer):
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"attention", "pooled_token"})}
+    differentiable = True
 
     def __init__(self, name: str = "selfattn", modality: str = "image", heads: str = "single", layer: int = -1,
                  image_layers: int = 1, text_layers: int = 8):
@@ -51,7 +52,7 @@ class SelfAttention(Explainer):
         layer = tower.layer(self.layer)
         n = self.image_layers if self.modality == "image" else self.text_layers
         heads = {b: 1 for b in range(tower.n_layers - n, tower.n_layers)} if self.heads == "single" else None
-        with torch.no_grad():
+        with maybe_no_grad():
             _, records = tower(inputs, record=(layer,), heads=heads, stop=layer + 1)
         return pooled_rows(records[layer].probs, index).mean(1)  # (B, N)
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.base import Explainer, text_target
+from clip_xai.explainers.base import Explainer, maybe_no_grad, text_target
 from clip_xai.models.base import ClipAdapter, Tower, merge_heads, split_heads
 from clip_xai.types import TextTokens
 
@@ -110,6 +110,7 @@ def surgery_tokens(tower: Tower, pixels: Tensor, surgery_layers: int) -> Tensor:
 class CLIPSurgery(Explainer):
     modalities = frozenset({"image"})
     requires = {"*": frozenset({"attention", "pooled_token", "token_head"})}
+    differentiable = True
 
     def __init__(self, name: str = "surgery", modality: str = "image", surgery_layers: int = 6,
                  redundant: str = "class_set", templates: str = "ensemble", caption_templates: bool = True,
@@ -199,7 +200,7 @@ class CLIPSurgery(Explainer):
 
     def token_features(self, model: ClipAdapter, pixels: Tensor) -> Tensor:
         """(B, N, E) surgery token features, normalised as chosen by ``image_norm``."""
-        with torch.no_grad():
+        with maybe_no_grad():
             feats = surgery_tokens(model.vision, pixels, self.surgery_layers).float()
         dim = 1 if self.image_norm == "tokens" else -1
         return feats / feats.norm(dim=dim, keepdim=True)

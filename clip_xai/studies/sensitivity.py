@@ -1,9 +1,11 @@
-"""Sensitivity study: how much does a map move under a similarity-increasing FGSM step?
+"""Sensitivity study: how much does a map move under a perturbation (FGSM, PGD, noise, map attack)?
 
 Per sample: clean map (from the clean-map cache when a sweep already computed it), perturbed
 pixels, perturbed map, similarities before/after, then Spearman, SSIM, Top-K and Δs between the
 min-max normalised, image-size maps. The same per-sample seed drives both maps, so RISE masks
-and bottleneck noise are shared between clean and perturbed (only the image differs).
+and bottleneck noise are shared between clean and perturbed (only the image differs). Each row
+also records what the perturbation achieved (``linf``, ``clamped``, ``objective``); a pixel-space
+perturbation whose ``linf`` exceeds its ε is a bug and stops the run.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
+from clip_xai.perturbations.base import LINF_TOL, achieved_linf
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 
@@ -27,7 +30,7 @@ def clean_maps(ctx: RunContext, prep: Prepared) -> torch.Tensor:
 
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
-    metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert",
+    metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
                       *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
     uses_perturbation = True
@@ -42,11 +45,18 @@ class SensitivityStudy(Study):
         if ctx.explainer.modality != "image":
             raise ClipXaiError("study=sensitivity compares image maps; explainer.modality=text has none to compare",
                                "use explainer.modality=image, or study=faithfulness for text maps")
+        ctx.perturbation.bind(ctx.explainer, ctx.model)
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         model, explainer = ctx.model, ctx.explainer
         clean_raw = clean_maps(ctx, prep)
-        pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens)
+        perturbed = ctx.perturbation.perturb(model, prep.pixels, prep.tokens, prep.seeds)
+        pert_pixels = perturbed.pixels
+        linf = achieved_linf(prep.pixels, pert_pixels)
+        bound = ctx.perturbation.linf_bound
+        if bound is not None and bool((linf > bound + LINF_TOL).any()):
+            raise RuntimeError(f"{ctx.perturbation.label} changed a pixel by {linf.max().item():.6g} > eps={bound:g}: "
+                               "a bug in the perturbation, not in the input")
         pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
         with torch.no_grad():  # one text forward, one image forward for clean and perturbed
             text = model.encode_text(prep.tokens).float()
@@ -59,11 +69,15 @@ class SensitivityStudy(Study):
         scores.update(complexity_columns(clean), **complexity_columns(pert, "pert"))
         cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
         cols["sim_orig"], cols["sim_pert"] = s_orig.double().cpu().tolist(), s_pert.double().cpu().tolist()
+        cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), perturbed.clamped.double().cpu().tolist()
+        n = len(prep.batch)
+        cols["objective"] = [float("nan")] * n if perturbed.objective is None else perturbed.objective.double().cpu().tolist()
+        params = ctx.perturbation.params_json()
         b = prep.batch
         labels = b.labels.tolist()
         rows = [
             {**ctx.ids, "study": self.name, "sample_id": sid, "caption": cap, "label": labels[i],
-             "perturbation": ctx.perturbation.name, "eps": ctx.perturbation.eps,
+             "perturbation": ctx.perturbation.label, "perturbation_params": params, "eps": ctx.perturbation.eps,
              **{k: v[i] for k, v in cols.items()}, "map_flag": flags[i]}
             for i, (sid, cap) in enumerate(zip(b.sample_ids, b.captions))
         ]
