@@ -68,6 +68,8 @@ class LocalisationStudy(Study):
         self.check_data(ctx.dataset)
         if self.perturbed and ctx.perturbation is None:
             raise ClipXaiError("study.perturbed=true needs a perturbation", "add perturbation=fgsm")
+        if self.perturbed:
+            ctx.perturbation.bind(ctx.explainer, ctx.model)  # attacks on maps check the explainer here
         if ctx.explainer.modality != "image":
             raise ClipXaiError("study=localisation scores image maps against object masks; text maps have none",
                                "use explainer.modality=image")
@@ -78,7 +80,7 @@ class LocalisationStudy(Study):
         clean = image_maps(clean_maps(ctx, prep).float(), size)
         pert = pert_pixels = None
         if self.perturbed:
-            pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens)
+            pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens, prep.seeds)  # seeded per sample
             pert = image_maps(explainer(model, pert_pixels, prep.tokens, prep.seeds).float(), size)
         n = len(b)
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=clean.device)
