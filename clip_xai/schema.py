@@ -67,7 +67,8 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
-    "caption_flag": "",
+    "caption_flag": "", "perturbation_params": "",
+    **{c: float("nan") for c in ("linf", "clamped", "objective")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
 }

@@ -282,5 +282,11 @@ def test_experiments_compose(experiment, model):
     assert cfg.dataset.root == "/d/imagenet"
     params = cfg.hydra.sweeper.params
     assert params.dataset.split(",") == ["cc", "imagenet", "flickr8k"]
-    assert params.explainer.split(",") == ["m2ib", "rise", "eclip", "gradcam", "chefer", "saliency", "mfaba",
-                                           "fastig", "abm"]
+    # The ABM paper's code: NIB's CLIP adaptations of RISE, Saliency, MFABA and FastIG.
+    assert params.explainer.split(",") == ["m2ib", "rise_nib", "eclip", "gradcam", "chefer", "saliency_nib",
+                                           "mfaba_nib", "fastig_nib", "abm"]
+    for name in ("saliency_nib", "mfaba_nib", "fastig_nib", "rise_nib"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            ex = compose("config", overrides=[f"experiment={experiment}", f"explainer={name}", "data_root=/d"]).explainer
+        assert ex.name == name
+        assert ex.variant == "attention" if name != "rise_nib" else (ex.n_masks, ex.p1) == (6000, 0.1)
