@@ -13,6 +13,7 @@ from torch import Tensor
 from clip_xai.explainers.base import Explainer, SampleRng, grad, tower_for
 from clip_xai.explainers.bottleneck import Side, capacity, layout, repeat_rows, token_scores
 from clip_xai.models.base import ClipAdapter
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 
@@ -77,7 +78,7 @@ class ABM(Explainer):
         rng = SampleRng(seeds, z.device)
         x = z.clone()
         path = [x] if self.record_path else None
-        for _ in range(self.steps):
+        for _ in steps(self.steps, self.name, samples=b):  # progress with the job's ETA
             lam = torch.where(zero, torch.ones_like(x), x / safe_z)
             eps = rng.normal(k, n, d).flatten(0, 1)
             with torch.enable_grad():
