@@ -258,11 +258,14 @@ def test_rise_chunk_auto_rules_and_bad_chunk(tiny, batch_for):
     # hand count: bytes of one input in one block = (16·N·D + heads·N²)·element size
     tiny_bytes = (16 * 197 * 64 + 2 * 197**2) * 4
     assert activation_bytes(197, 64, 2, 4) == tiny_bytes
-    # CPU: half the last-level cache over one input's block activations ...
-    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=32 * mib) == (16 * mib) // tiny_bytes == 15
-    # ... at least 256 token rows per pass (ViT-B/16 overflows a 32 MiB cache with one image) ...
-    assert auto_chunk(cpu, 197, 768, 12, 0, 4, cache_bytes=32 * mib) == 2
-    # ... and at most 64
+    # CPU: at least 3072 token rows per pass (16 images of 197 tokens; ViT-B/16 overflows a 32 MiB
+    # cache with one image, and the tiny model fits 15 in half of it) ...
+    assert (16 * mib) // tiny_bytes == 15
+    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=32 * mib) == 16
+    assert auto_chunk(cpu, 197, 768, 12, 0, 4, cache_bytes=32 * mib) == 16
+    assert auto_chunk(cpu, 577, 1024, 16, 0, 4, cache_bytes=32 * mib) == 6  # ViT-L/14 at 336 px
+    # ... more while half the cache holds them (a 64 MiB cache: 30 tiny images), at most 64
+    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=64 * mib) == (32 * mib) // tiny_bytes == 30
     assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=4096 * mib) == 64
     # CUDA: half the free memory over activations + pixel copies, at most 1000 (ViT-B/16 in bf16)
     per = (16 * 197 * 768 + 12 * 197**2) * 2 + 3 * 3 * 224 * 224 * 4
