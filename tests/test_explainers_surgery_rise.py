@@ -1,6 +1,8 @@
 """CLIP Surgery, MaskCLIP and RISE explainers on every backend (small random models)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,10 +306,22 @@ def test_rise_compiled_forward_gives_the_eager_maps(tiny, batch_for):
         RISE(compile="sometimes")
 
 
+def test_rise_compiler_failure_falls_back_to_eager_with_a_warning(tiny, batch_for, caplog):
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    broken = RISE(n_masks=4, chunk=4, compile=True, compile_backend="no_such_backend")
+    with caplog.at_level(logging.WARNING, logger="clip_xai"):
+        maps = broken(tiny, pixels, tokens, seeds)
+    assert "torch.compile failed" in caplog.text and "explainer.compile=false" in caplog.text
+    torch.testing.assert_close(maps, RISE(n_masks=4, chunk=4, compile=False)(tiny, pixels, tokens, seeds),
+                               rtol=0, atol=1e-6)
+    assert next(iter(broken._compiled.values()))[0] is None  # not retried on the next pass
+
+
 def test_rise_reports_progress_with_the_job_eta(tiny, batch_for, capsys, monkeypatch):
     from clip_xai import progress
 
     pixels, tokens, seeds = batch_for(tiny, 1)
+    monkeypatch.setenv("CLIP_XAI_PROGRESS", "1")
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
     monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
     with progress.Job(3, "rise"):

@@ -6,6 +6,11 @@ import pytest
 from clip_xai import progress
 
 
+@pytest.fixture(autouse=True)
+def shown(monkeypatch):
+    monkeypatch.setenv("CLIP_XAI_PROGRESS", "1")
+
+
 @pytest.fixture()
 def instant(monkeypatch):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)

@@ -266,7 +266,8 @@ class RISE(Explainer):
     def _compiled_forward(self, model: ClipAdapter, device: torch.device, rows: int):
         """(compiled unit image embedding, the row count every pass is padded to)."""
         key = (id(model), str(device), self.compile_backend)
-        if key not in self._compiled or self._compiled[key][1] < rows:
+        failed = key in self._compiled and self._compiled[key][0] is None  # (None, _): stay eager
+        if not failed and (key not in self._compiled or self._compiled[key][1] < rows):
             self._compiled.clear()  # one model at a time; do not keep old graphs (or models) alive
             fn = torch.compile(model.encode_image, dynamic=False, backend=self.compile_backend)
             self._compiled[key] = (fn, max(rows, self.chunk_size(model, device)))
@@ -306,12 +307,25 @@ class RISE(Explainer):
         """(B, k, 3, H, W) masked images, (B, E) unit targets → (B, k) cosine scores."""
         b, k = masked.shape[:2]
         rows = masked.flatten(0, 1)
-        if self.uses_compile(rows.device):  # one static shape: every pass padded to the same rows
-            forward, size = self._compiled_forward(model, rows.device, b * k)
-            rows = torch.cat([rows, rows.new_zeros(size - b * k, *rows.shape[1:])]) if size > b * k else rows
+        if not self.uses_compile(rows.device):
+            emb = model.encode_image(rows)
         else:
-            forward = model.encode_image
-        emb = forward(rows)[: b * k].view(b, k, -1)
+            try:  # a compiler failure costs speed, never the run: warn once and go eager
+                forward, size = self._compiled_forward(model, rows.device, b * k)
+                if forward is None:
+                    emb = model.encode_image(rows)
+                else:  # one static shape for every pass
+                    pad = size - b * k
+                    emb = forward(torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])]) if pad else rows)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                log.warning("rise: torch.compile failed (%s: %s); continuing without compilation "
+                            "(set explainer.compile=false to skip it)", type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
+                self._compiled = {(id(model), str(rows.device), self.compile_backend): (None, b * k)}
+                emb = model.encode_image(rows)
+        emb = emb[: b * k].view(b, k, -1)
         return (emb.float() * target.float()[:, None]).sum(-1)
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
