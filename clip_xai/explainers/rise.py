@@ -33,8 +33,9 @@ Choices, all documented deviations or reference reproductions:
 * **Batching.** Samples and masks are batched together: each forward sees about ``chunk`` masked
   images or captions (``chunk // B`` masks for each of the B samples), so memory does not grow
   with B. ``chunk: auto`` is chosen from the model and the device by :func:`auto_chunk`: on CUDA
-  from the free device memory, on a CPU from the size of the last-level cache (a pass whose
-  activations leave the cache runs slower per image; README).
+  from the free device memory, on a CPU from the tower's size and the last-level cache (enough
+  token rows per pass to amortise per-op costs, more while the activations stay in the cache;
+  README).
 * **On the device.** Masks are drawn, upsampled and blended on the model's device; on CUDA the
   kernels are queued asynchronously, so mask creation overlaps the forwards already queued.
 * **Compilation.** ``compile: auto`` (on CUDA) / ``true`` compiles the no-grad image forward
@@ -57,14 +58,13 @@ defaults here use p1=0.5 like the image variant.
 """
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-import logging
-from pathlib import Path
 
 from clip_xai import progress
 from clip_xai.errors import ClipXaiError
