@@ -129,3 +129,14 @@ def test_plain_rise_baseline_gives_our_map_for_the_same_masks(tiny, batch_for):
     ours = RISE(n_masks=20)
     ours.image_masks = lambda size, device: SameMasks
     torch.testing.assert_close(ours(tiny, pixels, tokens)[0], plain, rtol=0, atol=1e-6)
+
+
+def test_baselines_section_times_metrics_against_scipy_and_skimage(monkeypatch):
+    from clip_xai import baselines
+
+    monkeypatch.setattr(baselines, "time_rise", lambda device, n, repeats: {  # ViT-B/16 is too slow for a test
+        "masks": n, "chunk": 16, "ours_s": 2.0, "plain_s": 3.0})
+    metrics = baselines.time_metrics(torch.device("cpu"), pairs=2, repeats=1)
+    assert metrics["max_diff"] < 1e-6 and metrics["ours_ms"] > 0 and metrics["plain_ms"] > 0
+    text = baselines.run_baselines(torch.device("cpu"), repeats=1, n_masks=8, pairs=2)
+    assert "8 masks" in text and "| 1.50 |" in text and "scipy + scikit-image" in text
