@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explainers", nargs="+", default=None, help="default: every conf/explainer/*.yaml")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pretrained", action="store_true", help="load the model's real weights instead of random ones")
-    p.add_argument("--precision", default="fp32", help="fp32 | tf32 | bf16 | fp16 (as the precision= config key)")
+    p.add_argument("--precision", default="fp32", help="fp32 | tf32 | bf16 | fp16 | reference (as the precision= config key)")
     p.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra Hydra overrides for every config, e.g. explainer.chunk=500")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"))
