@@ -17,10 +17,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_xai.config import build, check_precision, pick_device, register_resolvers
+from clip_xai.config import build, pick_device, register_resolvers, resolve_precision
 from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
+from clip_xai.projection import announce_if_long
 from clip_xai.schema import CONFIG_FILE
 
 log = logging.getLogger("clip_xai")
@@ -45,7 +46,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.cache import cache_for
 
     device = pick_device(str(cfg.device), job_num)
-    check_precision(device, str(cfg.precision))  # before anything is written
+    precision = resolve_precision(device, str(cfg.precision), announce=True)  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -63,6 +64,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     study.check_data(dataset)
     model = build(cfg, "model").to(device)
     metrics = build(cfg, "metrics")
+    announce_if_long(cfg.explainer.name, dict(cfg.explainer), model, device, precision, len(dataset), study.name)
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
            "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed)}
     sink = None
@@ -73,7 +75,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                          tags=list(cfg.logger.tags), log_images=cfg.logger.log_images)
     ctx = RunContext(run_dir=run_dir, device=device, model=model, dataset=dataset, explainer=explainer,
                      metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
-                     num_workers=_workers(cfg.num_workers, device), precision=str(cfg.precision),
+                     num_workers=_workers(cfg.num_workers, device), precision=precision,
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
                      on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")),
                      cache=cache_for(cfg, device, study.name))

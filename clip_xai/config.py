@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 
 import torch
@@ -11,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clip_xai.errors import ClipXaiError
+
+log = logging.getLogger(__name__)
 
 # Keys that describe a config entry but are not constructor arguments.
 META_KEYS = {"model": ("image_size",), "dataset": ("name", "on_long_caption"), "perturbation": (), "metrics": ("name",),
@@ -65,12 +68,32 @@ def pick_device(spec: str, job_num: int | None = None) -> torch.device:
 
 
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ``precision=reference``: what the reference code ran. On CUDA, OpenAI's ``clip.load`` converts the
+# weights to fp16 and Grad-ECLIP's generate_emap casts the inputs with ``.half()``; here that is fp16
+# autocast (the same fp16-rounded weights and matmuls; layer norms and softmax in fp32, as OpenAI's
+# fp32 LayerNorm, and a fp32 residual stream). fp16 is refused on a CPU, so it falls back to fp32.
+REFERENCE_PRECISION = {"cuda": "fp16"}
+
+
+def resolve_precision(device: torch.device, precision: str, announce: bool = False) -> str:
+    """The precision a run uses: ``reference`` becomes fp16 on CUDA and strict fp32 elsewhere (with a
+    visible note when ``announce``); other values are checked and returned unchanged."""
+    if precision != "reference":
+        check_precision(device, precision)
+        return precision
+    actual = REFERENCE_PRECISION.get(device.type, "fp32")
+    if announce and actual == "fp32":
+        log.warning("precision=reference: the reference code ran in fp16 on CUDA; fp16 is refused on %s, "
+                    "so this run uses strict fp32 (maps may differ slightly from the reference's)", device.type)
+    return actual
 
 
 def check_precision(device: torch.device, precision: str) -> None:
     """One clear error for a precision that is unknown or that this device cannot run."""
+    if precision == "reference":
+        return  # always runnable: fp16 on CUDA, fp32 elsewhere (resolve_precision)
     if precision not in PRECISIONS:
-        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, tf32, bf16 or fp16")
+        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, tf32, bf16, fp16 or reference")
     if precision in ("fp16", "tf32") and device.type != "cuda":
         raise ClipXaiError(f"precision={precision} needs a CUDA device", "use precision=fp32 or bf16 on CPU")
 
@@ -82,8 +105,9 @@ def precision_scope(device: torch.device, precision: str):
     fp32: strict float32 (TF32 tensor-core maths off for matmuls and cuDNN convs, although PyTorch
     allows it for convs by default). tf32: float32 tensors, matmuls/convs on TF32 tensor cores
     (10-bit mantissa inputs, float32 accumulation). bf16/fp16: autocast, float32 outside it.
+    reference: see :func:`resolve_precision`.
     """
-    check_precision(device, precision)
+    precision = resolve_precision(device, precision)
     dtype = PRECISIONS[precision]
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if device.type == "cuda":

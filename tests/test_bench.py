@@ -12,7 +12,7 @@ from clip_xai.errors import ClipXaiError
 def test_bench_table_projection_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "THESIS_METHODS", ["gradcam", "rise"])
     df = bench.run_bench("tiny", "cpu", [1, 2], ["gradcam", "rise"], repeats=1, out=tmp_path,
-                         extra=["explainer.n_masks=8", "explainer.chunk=4"])
+                         extra=["explainer.n_masks=8", "explainer.chunk=4"], flops=False, agreement=0)
     assert list(df.columns) == ["device", "model", "precision", "explainer", "batch", "images_per_s"]
     assert df.explainer.tolist() == ["fgsm (perturbation)"] * 2 + ["gradcam"] * 2 + ["rise"] * 2
     assert df.batch.tolist() == [1, 2] * 3 and (df.images_per_s > 0).all()

@@ -1,6 +1,7 @@
 """CLIP Surgery, MaskCLIP and RISE explainers on every backend (small random models)."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from unittest.mock import patch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.maskclip import MaskCLIP
 from clip_xai.explainers.postprocess import image_maps
-from clip_xai.explainers.rise import RISE, interp_matrix
+from clip_xai.explainers.rise import RISE, activation_bytes, auto_chunk, interp_matrix
 from clip_xai.explainers.surgery import CLASS_NAMES, TEMPLATES, CLIPSurgery, surgery_tokens
 from clip_xai.metrics.sensitivity.flags import decode_flags, map_flag_codes
 from clip_xai.models.base import attend, merge_heads
@@ -364,12 +365,81 @@ def test_rise_text_hand_worked(tiny, monkeypatch):
     assert sal[content].argmax().item() == 0  # position 1 is the first content token
 
 
-def test_rise_chunk_auto_per_device_and_bad_chunk():
+def test_rise_chunk_auto_rules_and_bad_chunk(tiny, batch_for):
+    cpu, cuda, mib = torch.device("cpu"), torch.device("cuda"), 2**20
+    # hand count: bytes of one input in one block = (16·N·D + heads·N²)·element size
+    tiny_bytes = (16 * 197 * 64 + 2 * 197**2) * 4
+    assert activation_bytes(197, 64, 2, 4) == tiny_bytes
+    # CPU: at least 3072 token rows per pass (16 images of 197 tokens; ViT-B/16 overflows a 32 MiB
+    # cache with one image, and the tiny model fits 15 in half of it) ...
+    assert (16 * mib) // tiny_bytes == 15
+    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=32 * mib) == 16
+    assert auto_chunk(cpu, 197, 768, 12, 0, 4, cache_bytes=32 * mib) == 16
+    assert auto_chunk(cpu, 577, 1024, 16, 0, 4, cache_bytes=32 * mib) == 6  # ViT-L/14 at 336 px
+    # ... more while half the cache holds them (a 64 MiB cache: 30 tiny images), at most 64
+    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=64 * mib) == (32 * mib) // tiny_bytes == 30
+    assert auto_chunk(cpu, 197, 64, 2, 0, 4, cache_bytes=4096 * mib) == 64
+    # CUDA: half the free memory over activations + pixel copies, at most 1000 (ViT-B/16 in bf16)
+    per = (16 * 197 * 768 + 12 * 197**2) * 2 + 3 * 3 * 224 * 224 * 4
+    assert auto_chunk(cuda, 197, 768, 12, 3 * 3 * 224 * 224 * 4, 2, free_bytes=4 * 2**30) == 2**31 // per == 283
+    assert auto_chunk(cuda, 197, 768, 12, 0, 2, free_bytes=80 * 2**30) == 1000
+    assert auto_chunk(cuda, 197, 768, 12, 0, 4, free_bytes=1000) == 1  # never zero
+    # the explainer asks with the explained tower's size, and keeps its choice
     rise = RISE()
     assert rise.chunk == "auto"
-    assert rise.per_pass(1, torch.device("cpu")) == 16 and rise.per_pass(4, torch.device("cpu")) == 4
-    assert rise.per_pass(1, torch.device("cuda")) == 1000 and rise.per_pass(64, torch.device("cuda")) == 15
-    assert RISE(chunk=5).per_pass(16, torch.device("cpu")) == 1  # at least one mask per pass
+    expected = auto_chunk(cpu, 197, 64, 2, 3 * 3 * 224 * 224 * 4, 4)
+    assert rise.chunk_size(tiny, cpu) == expected and rise.chunk_size(tiny, cpu) == expected
+    text = RISE(modality="text").chunk_size(tiny, cpu)
+    assert text == auto_chunk(cpu, 77, 64, 2, 0, 4)
+    assert RISE.per_pass(1, 16) == 16 and RISE.per_pass(4, 16) == 4 and RISE.per_pass(16, 5) == 1
+    # maps do not depend on the chunk
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    torch.testing.assert_close(RISE(n_masks=6, chunk=4)(tiny, pixels, tokens, seeds),
+                               RISE(n_masks=6)(tiny, pixels, tokens, seeds), rtol=0, atol=1e-6)
     for bad in (0, -3, "big"):
         with pytest.raises(ClipXaiError, match="chunk"):
             RISE(chunk=bad)
+
+
+def test_rise_compiled_forward_gives_the_eager_maps(tiny, batch_for):
+    """compile=true runs the padded static-shape path through torch.compile. Inductor needs minutes
+    on a 2-core CPU, so the test traces with the ``eager`` backend: same graph capture, padding and
+    reuse, no code generation."""
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    eager = RISE(n_masks=6, chunk=4, compile=False)
+    compiled = RISE(n_masks=6, chunk=4, compile=True, compile_backend="eager")  # passes of 4 + 2 (padded) masks
+    assert not RISE().uses_compile(torch.device("cuda"))  # opt-in
+    auto = RISE(compile="auto")
+    assert not auto.uses_compile(torch.device("cpu")) and auto.uses_compile(torch.device("cuda"))
+    torch.testing.assert_close(compiled(tiny, pixels, tokens, seeds), eager(tiny, pixels, tokens, seeds),
+                               rtol=0, atol=1e-6)
+    assert len(compiled._compiled) == 1 and next(iter(compiled._compiled.values()))[1] == 4
+    with pytest.raises(ClipXaiError, match="compile"):
+        RISE(compile="sometimes")
+
+
+def test_rise_compiler_failure_falls_back_to_eager_with_a_warning(tiny, batch_for, caplog):
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    broken = RISE(n_masks=4, chunk=4, compile=True, compile_backend="no_such_backend")
+    with caplog.at_level(logging.WARNING, logger="clip_xai"):
+        maps = broken(tiny, pixels, tokens, seeds)
+    assert "torch.compile failed" in caplog.text and "explainer.compile=false" in caplog.text
+    torch.testing.assert_close(maps, RISE(n_masks=4, chunk=4, compile=False)(tiny, pixels, tokens, seeds),
+                               rtol=0, atol=1e-6)
+    assert next(iter(broken._compiled.values()))[0] is None  # not retried on the next pass
+
+
+def test_rise_reports_progress_with_the_job_eta(tiny, batch_for, capsys, monkeypatch):
+    from clip_xai import progress
+
+    pixels, tokens, seeds = batch_for(tiny, 1)
+    monkeypatch.setenv("CLIP_XAI_PROGRESS", "1")
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    with progress.Job(3, "rise"):
+        RISE(n_masks=8, chunk=2)(tiny, pixels, tokens, seeds)
+    err = capsys.readouterr().err
+    assert "rise" in err and "8/8" in err and "mask" in err and "job ETA ≥" in err
+    monkeypatch.setenv("CLIP_XAI_PROGRESS", "0")
+    RISE(n_masks=4, chunk=2)(tiny, pixels, tokens, seeds)
+    assert "mask" not in capsys.readouterr().err

@@ -14,6 +14,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import Explainer, SampleRng, grad, tower_for
 from clip_xai.explainers.bottleneck import Repeated, Side, capacity, layout, repeat_rows, token_scores
 from clip_xai.models.base import ClipAdapter
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 GRAD_ACCUMULATION = ("batched", "per_draw")
@@ -117,7 +118,7 @@ class ABM(Explainer):
         real = side.real_tokens(n)
         x = z.clone()
         path = [x] if self.record_path else None
-        for _ in range(self.steps):
+        for _ in steps(self.steps, self.name, samples=b):  # progress with the job's ETA
             lam = torch.where(zero, torch.ones_like(x), x / safe_z)
             eps = rng.normal_at(real, k, d)  # (B, k, N, D), zero on padding
             g = gradient(rep, layer, x, lam, eps)

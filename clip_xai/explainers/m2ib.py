@@ -12,6 +12,7 @@ from torch import Tensor
 from clip_xai.explainers.base import Explainer, SampleRng, tower_for
 from clip_xai.explainers.bottleneck import Repeated, Side, capacity, layout, repeat_rows, token_scores
 from clip_xai.models.base import ClipAdapter
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 
@@ -102,7 +103,7 @@ class M2IB(Explainer):
         opt = torch.optim.Adam([alpha], lr=self.lr)
         cap = None
         with torch.enable_grad():
-            for _ in range(self.steps):
+            for _ in steps(self.steps, self.name, samples=h.shape[0]):  # progress with the job's ETA
                 lam = torch.sigmoid(alpha)
                 cos = self._bottleneck(rep, start, h, lam, self._noise(rng, real, h.shape[2]))
                 cap = capacity(lam * h, (1 - lam) ** 2, log_eps=0.0)

@@ -13,6 +13,7 @@ from torch import Tensor
 from clip_xai.explainers.base import cosine, grad, other_target, pixel_gradient, text_target, tower_for
 from clip_xai.explainers.saliency import REDUCTIONS, _GradientExplainer, check_choice, reduce_channels
 from clip_xai.models.base import ClipAdapter
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 UPDATES = ("l2", "sign")
@@ -114,7 +115,7 @@ class MFABA(_GradientExplainer):
     def _path(self, x: Tensor, gradient, alpha: float, update: str, clip: bool) -> Tensor:
         x = x.detach().float()
         attr = torch.zeros_like(x)
-        for _ in range(self.steps):
+        for _ in steps(self.steps, self.name, samples=x.shape[0]):  # progress with the job's ETA
             g = gradient(x).float()
             nxt = descend(x, g, alpha, update)
             if clip:

@@ -32,8 +32,17 @@ Choices, all documented deviations or reference reproductions:
   reference's operation.
 * **Batching.** Samples and masks are batched together: each forward sees about ``chunk`` masked
   images or captions (``chunk // B`` masks for each of the B samples), so memory does not grow
-  with B. ``chunk: auto`` is 16 on a CPU (measured on 2 cores: 16 images per pass ran 1.4-2x
-  faster than 100, whose activations leave the cache) and 1000 on CUDA (H100 ViT-B/16: see README).
+  with B. ``chunk: auto`` is chosen from the model and the device by :func:`auto_chunk`: on CUDA
+  from the free device memory, on a CPU from the tower's size and the last-level cache (enough
+  token rows per pass to amortise per-op costs, more while the activations stay in the cache;
+  README).
+* **On the device.** Masks are drawn, upsampled and blended on the model's device; on CUDA the
+  kernels are queued asynchronously, so mask creation overlaps the forwards already queued.
+* **Compilation** (opt-in: ``false`` by default until measured on a GPU). ``compile: auto`` (on
+  CUDA) / ``true`` compiles the no-grad image forward
+  with ``torch.compile`` (static shapes: every pass is padded to exactly ``chunk`` rows, so one
+  graph serves every batch). ``false`` is the off switch; ``auto`` is off on a CPU.
+* **Progress.** Masks done are reported through :mod:`clip_xai.progress` (job ETA included).
 
 Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
 ``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
@@ -50,17 +59,73 @@ defaults here use p1=0.5 like the image variant.
 """
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clip_xai import progress
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import Explainer, image_target, text_target
 from clip_xai.explainers.bottleneck import repeat_bias
 from clip_xai.models.base import ClipAdapter
 from clip_xai.types import TextTokens
+
+log = logging.getLogger(__name__)
+
+# --- chunk: auto ----------------------------------------------------------------------------
+CUDA_MEMORY_SHARE = 0.5  # of the free device memory that one pass's activations may take
+CUDA_MAX_CHUNK = 1000  # H100, ViT-B/16 bf16: 1,000 -> 3.48 img/s, 2,000 -> 3.58 at twice the memory (README)
+CPU_CACHE_SHARE = 0.5  # of the last-level cache that one block's activations for a pass may take
+CPU_MIN_ROWS = 3072  # token rows per pass: fewer leave per-op and weight-streaming costs unamortised (README)
+CPU_MAX_CHUNK = 64
+CACHE_FALLBACK = 8 * 2**20  # last-level cache size assumed when the OS does not say
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (Linux sysfs), or ``CACHE_FALLBACK`` when unknown."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or CACHE_FALLBACK
+
+
+def activation_bytes(tokens: int, width: int, heads: int, elt: int) -> int:
+    """Live bytes of one input inside one transformer block: residual, norm, q/k/v, context and the
+    4x-wide MLP in and out (16 x tokens x width), plus the attention scores (heads x tokens²) where
+    attention is not fused."""
+    return (16 * tokens * width + heads * tokens * tokens) * elt
+
+
+def auto_chunk(device: torch.device, tokens: int, width: int, heads: int, input_bytes: int, elt: int,
+               free_bytes: int | None = None, cache_bytes: int | None = None) -> int:
+    """Inputs per forward pass for ``chunk: auto``.
+
+    CUDA: as many as fit in ``CUDA_MEMORY_SHARE`` of the free memory (each costs its block
+    activations plus ``input_bytes`` for the pixels, mask and masked copy), at most
+    ``CUDA_MAX_CHUNK``. CPU: at least ``CPU_MIN_ROWS`` token rows (16 images of 197 tokens), more
+    while one block's activations stay within ``CPU_CACHE_SHARE`` of the last-level cache, at most
+    ``CPU_MAX_CHUNK``. Measured on the 2-core build CPU: tiny model 16 beat 100 (activations out of
+    the cache); ViT-B/16, whose activations never fit, 16 beat 2.
+    ``free_bytes``/``cache_bytes`` default to what the device reports.
+    """
+    per_input = activation_bytes(tokens, width, heads, elt)
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+        return int(max(1, min(CUDA_MAX_CHUNK, CUDA_MEMORY_SHARE * free // (per_input + input_bytes))))
+    cache = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    fit = int(CPU_CACHE_SHARE * cache // per_input)
+    return int(max(1, min(CPU_MAX_CHUNK, max(fit, math.ceil(CPU_MIN_ROWS / tokens)))))
 
 
 def interp_matrix(s: int, up: int, device=None, dtype=torch.float32) -> Tensor:
@@ -148,10 +213,13 @@ class RISE(Explainer):
 
     def __init__(self, name: str = "rise", modality: str = "image", n_masks: int = 2000, s: int = 8,
                  p1: float = 0.5, chunk: int | str = "auto", mask_seed: int | None = 0, n_masks_text: int = 200,
-                 s_text: int = 8, p1_text: float = 0.5):
+                 s_text: int = 8, p1_text: float = 0.5, compile: bool | str = False,
+                 compile_backend: str = "inductor"):
         super().__init__(name, modality)
         if chunk != "auto" and (not str(chunk).isdigit() or int(chunk) < 1):
             raise ClipXaiError(f"rise chunk={chunk} must be a positive integer or auto", "set explainer.chunk=auto")
+        if compile not in ("auto", True, False):
+            raise ClipXaiError(f"rise compile={compile!r} must be auto, true or false", "set explainer.compile=auto")
         for key, val in (("n_masks", n_masks), ("s", s), ("n_masks_text", n_masks_text), ("s_text", s_text)):
             if int(val) < 1:
                 raise ClipXaiError(f"rise {key}={val} must be a positive integer", f"set explainer.{key}>=1")
@@ -164,13 +232,48 @@ class RISE(Explainer):
         self.n_masks_text, self.s_text, self.p1_text = int(n_masks_text), int(s_text), float(p1_text)
         self._image_masks: dict[tuple, RiseMasks] = {}
         self._text_masks: dict[tuple, RiseTextMasks] = {}
+        self.compile, self.compile_backend = compile, str(compile_backend)
+        self._compiled: dict[tuple, tuple] = {}
+        self._auto_chunks: dict[tuple, int] = {}
 
-    AUTO_CHUNK = {"cpu": 16, "cuda": 1000}
+    def chunk_size(self, model: ClipAdapter, device: torch.device) -> int:
+        """Inputs per forward pass: ``chunk``, or :func:`auto_chunk` for the explained tower.
 
-    def per_pass(self, batch: int, device: torch.device) -> int:
+        The auto value is decided once per (model, device, precision) and kept, so every map of a
+        job sums its masks in the same passes (free memory changes as the allocator caches blocks).
+        """
+        if self.chunk != "auto":
+            return self.chunk
+        device = torch.device(device)
+        elt = torch.get_autocast_dtype(device.type).itemsize if torch.is_autocast_enabled(device.type) else 4
+        key = (id(model), str(device), elt, self.modality)
+        if key not in self._auto_chunks:
+            if self.modality == "image":
+                tokens, tower = model.n_prefix + model.grid[0] * model.grid[1], model.vision
+                input_bytes = 3 * 3 * model.image_size**2 * 4  # pixels, mask and masked copy, float32
+            else:
+                tokens, tower, input_bytes = model.context_length, model.text, 0
+            self._auto_chunks[key] = auto_chunk(device, tokens, tower.width, tower.n_heads, input_bytes, elt)
+            log.info("rise chunk: auto -> %d inputs per pass on %s", self._auto_chunks[key], device)
+        return self._auto_chunks[key]
+
+    @staticmethod
+    def per_pass(batch: int, chunk: int) -> int:
         """Masks per forward pass for each of ``batch`` samples (about ``chunk`` inputs in all)."""
-        chunk = self.AUTO_CHUNK.get(torch.device(device).type, 100) if self.chunk == "auto" else self.chunk
         return max(1, chunk // batch)
+
+    def uses_compile(self, device: torch.device) -> bool:
+        return self.compile is True or (self.compile == "auto" and torch.device(device).type == "cuda")
+
+    def _compiled_forward(self, model: ClipAdapter, device: torch.device, rows: int):
+        """(compiled unit image embedding, the row count every pass is padded to)."""
+        key = (id(model), str(device), self.compile_backend)
+        failed = key in self._compiled and self._compiled[key][0] is None  # (None, _): stay eager
+        if not failed and (key not in self._compiled or self._compiled[key][1] < rows):
+            self._compiled.clear()  # one model at a time; do not keep old graphs (or models) alive
+            fn = torch.compile(model.encode_image, dynamic=False, backend=self.compile_backend)
+            self._compiled[key] = (fn, max(rows, self.chunk_size(model, device)))
+        return self._compiled[key]
 
     # --- masks ---------------------------------------------------------------------------------
 
@@ -205,7 +308,26 @@ class RISE(Explainer):
     def _image_scores(self, model: ClipAdapter, masked: Tensor, target: Tensor) -> Tensor:
         """(B, k, 3, H, W) masked images, (B, E) unit targets → (B, k) cosine scores."""
         b, k = masked.shape[:2]
-        emb = model.encode_image(masked.flatten(0, 1)).view(b, k, -1)
+        rows = masked.flatten(0, 1)
+        if not self.uses_compile(rows.device):
+            emb = model.encode_image(rows)
+        else:
+            try:  # a compiler failure costs speed, never the run: warn once and go eager
+                forward, size = self._compiled_forward(model, rows.device, b * k)
+                if forward is None:
+                    emb = model.encode_image(rows)
+                else:  # one static shape for every pass
+                    pad = size - b * k
+                    emb = forward(torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])]) if pad else rows)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                log.warning("rise: torch.compile failed (%s: %s); continuing without compilation "
+                            "(set explainer.compile=false to skip it)", type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
+                self._compiled = {(id(model), str(rows.device), self.compile_backend): (None, b * k)}
+                emb = model.encode_image(rows)
+        emb = emb[: b * k].view(b, k, -1)
         return (emb.float() * target.float()[:, None]).sum(-1)
 
     def explain_image(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
@@ -214,13 +336,14 @@ class RISE(Explainer):
         mean = model.vision.mean.to(dtype=pixels.dtype)[:, None]  # (1,1,3,1,1): 0 after normalisation
         x = pixels[:, None]  # (B,1,3,H,W)
         sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
-        per_pass = self.per_pass(pixels.shape[0], pixels.device)
-        with torch.no_grad():
+        per_pass = self.per_pass(pixels.shape[0], self.chunk_size(model, pixels.device))
+        with torch.no_grad(), progress.task(masks.n, self.name, "mask", pixels.shape[0]) as done:
             for start in range(0, masks.n, per_pass):
                 m = masks.chunk(start, min(start + per_pass, masks.n))  # (k,H,W)
                 masked = mean + m[None, :, None].to(pixels.dtype) * (x - mean)  # (B,k,3,H,W)
                 scores = self._image_scores(model, masked, target)  # (B,k)
                 sal += torch.einsum("bk,khw->bhw", scores.float(), m.float())
+                done.update(m.shape[0])
         return sal / (masks.n * masks.p1)
 
     # --- text ----------------------------------------------------------------------------------
@@ -250,11 +373,12 @@ class RISE(Explainer):
             if pos.numel():
                 full[i][:, pos] = masks.for_length(pos.numel())
         sal = torch.zeros(b, length, device=device)
-        per_pass = self.per_pass(b, device)
-        with torch.no_grad():
+        per_pass = self.per_pass(b, self.chunk_size(model, device))
+        with torch.no_grad(), progress.task(masks.n, self.name, "mask", b) as done:
             for start in range(0, masks.n, per_pass):
                 mult = full[:, start : start + per_pass]  # (B,k,L)
                 scores = self._text_scores(model, tokens, mult, target)  # (B,k)
                 sal += torch.einsum("bk,bkl->bl", scores, mult)
+                done.update(mult.shape[1])
         sal = sal / (masks.n * masks.p1)
         return sal * content

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from clip_xai.config import precision_scope, sample_seed
+from clip_xai.progress import Job
 from clip_xai.data import make_loader
 from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
@@ -124,7 +124,7 @@ class Study:
                              pin_memory=ctx.device.type == "cuda")
         examples: dict[str, list] = {}
         start = time.perf_counter()
-        progress = tqdm(total=len(todo), desc=f"{ctx.ids['explainer']}", unit="sample", leave=False)
+        progress = Job(len(todo), f"{ctx.ids['explainer']}")  # inner tasks print the job's ETA
         for batch, _, skipped in loader:
             rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
             fitted = fit_captions(ctx.model, batch, ctx.on_long_caption) if len(batch) else None
