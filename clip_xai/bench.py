@@ -36,6 +36,10 @@ THESIS_METHODS = ["gradcam", "game", "eclip", "selfattn", "rollout", "surgery", 
 THESIS_IMAGES, THESIS_EPS = 5285, 4
 
 
+#: The large model benched after ViT-B/16 on CUDA (the CLIP inside most diffusion and multimodal systems).
+LARGE_ARCH = "ViT-L-14-quickgelu"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,13 +173,15 @@ def _explainer_cfg(overrides: list[str], name: str, per_explainer: list[str]):
 def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], explainers: list[str],
               repeats: int, out: Path, random_weights: bool = True, precision: str = "fp32",
               extra: list[str] | None = None, flops: bool = True, agreement: int = 4,
-              baselines: bool = False) -> pd.DataFrame:
+              baselines: bool = False, perturbations: tuple[str, ...] = ("pgd", "map_attack")) -> pd.DataFrame:
     """Measure every explainer (and the FGSM step) at each batch size; write bench.csv/bench.md.
 
     ``extra`` are Hydra overrides for every config; ``explainer.KEY=VALUE`` applies to the explainers
     that have KEY (e.g. ``explainer.chunk=500`` only to RISE). ``flops``: count model FLOPs and
     report the share of the device's peak. ``agreement``: images for the precision-agreement table
     (0 = skip). ``baselines``: also time the plain re-implementations (:mod:`clip_xai.baselines`).
+    ``perturbations``: the perturbations timed beside the FGSM step (their config defaults; the
+    map attack targets Grad-CAM's map).
     """
     device = pick_device(device_spec)
     precision = resolve_precision(device, precision, announce=True)
@@ -191,6 +197,13 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
     rows = []
     step = build(compose(overrides + ["perturbation=fgsm"]), "perturbation")
     jobs = [("fgsm (perturbation)", step, step, True)]
+    for name in perturbations:
+        pert = build(compose(overrides + [f"perturbation={name}"]), "perturbation")
+        label = f"{name} (perturbation)"
+        if name == "map_attack":
+            pert.bind(build(_explainer_cfg(overrides, "gradcam", per_explainer), "explainer"), model)
+            label = "map_attack (perturbation, gradcam)"
+        jobs.append((label, pert, pert, True))
     for name in explainers:  # FLOPs are counted eagerly: a second instance with compilation off
         jobs.append((name, build(_explainer_cfg(overrides, name, per_explainer), "explainer"),
                      build(_explainer_cfg(overrides, name, per_explainer + ["explainer.compile=false"]), "explainer"),
@@ -211,7 +224,7 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
                   + (f", {gflop:.2f} GFLOP/image, {row['tflops_per_s']:.3f} TFLOP/s" if flops and rate else ""), flush=True)
     df = pd.DataFrame(rows)
     df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)")
-    df.insert(1, "model", model_name + (" (random weights)" if random_weights else ""))
+    df.insert(1, "model", str(cfg.model.name) + (" (random weights)" if random_weights else ""))
     df.insert(2, "precision", precision)
     if device.type != "cuda":
         df = df.drop(columns="peak_gib")
@@ -253,15 +266,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting and the peak share")
     p.add_argument("--agreement", type=int, default=4, metavar="N",
                    help="images for the lower-precision vs fp32 map agreement table (0 = skip)")
+    p.add_argument("--no-large", dest="large", action="store_false",
+                   help=f"on CUDA without --model, skip the second table for {LARGE_ARCH} (random weights)")
+    p.add_argument("--perturbations", nargs="*", default=["pgd", "map_attack"],
+                   help="perturbations timed beside the FGSM step (default: pgd map_attack)")
     p.add_argument("--baselines", action="store_true",
                    help="also time RISE on ViT-B/16 and the sensitivity metrics against plain re-implementations")
     a = p.parse_args(argv)
     from clip_xai.__main__ import CONF_DIR
 
     names = a.explainers or sorted(f.stem for f in (Path(CONF_DIR) / "explainer").glob("*.yaml"))
+    runs = [(a.model, a.extra, a.out)]
+    if a.model is None and a.large and pick_device(a.device).type == "cuda":  # the ViT-L/14 row(s) on CUDA
+        runs.append(("open_clip", [*a.extra, f"model.arch={LARGE_ARCH}"], a.out / "vit_l14"))
     try:
-        run_bench(a.model, a.device, a.batch_sizes, names, a.repeats, a.out, random_weights=not a.pretrained,
-                  precision=a.precision, extra=a.extra, flops=a.flops, agreement=a.agreement, baselines=a.baselines)
+        for model_name, extra, out in runs:
+            run_bench(model_name, a.device, a.batch_sizes, names, a.repeats, out, random_weights=not a.pretrained,
+                      precision=a.precision, extra=extra, flops=a.flops, agreement=a.agreement,
+                      baselines=a.baselines, perturbations=tuple(a.perturbations))
     except ClipXaiError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -14,8 +14,9 @@ def test_bench_table_projection_and_overrides(tmp_path, monkeypatch):
     df = bench.run_bench("tiny", "cpu", [1, 2], ["gradcam", "rise"], repeats=1, out=tmp_path,
                          extra=["explainer.n_masks=8", "explainer.chunk=4"], flops=False, agreement=0)
     assert list(df.columns) == ["device", "model", "precision", "explainer", "batch", "images_per_s"]
-    assert df.explainer.tolist() == ["fgsm (perturbation)"] * 2 + ["gradcam"] * 2 + ["rise"] * 2
-    assert df.batch.tolist() == [1, 2] * 3 and (df.images_per_s > 0).all()
+    perturbations = ["fgsm (perturbation)", "pgd (perturbation)", "map_attack (perturbation, gradcam)"]
+    assert df.explainer.tolist() == [p for p in perturbations for _ in (1, 2)] + ["gradcam"] * 2 + ["rise"] * 2
+    assert df.batch.tolist() == [1, 2] * 5 and (df.images_per_s > 0).all()
     assert (df.precision == "fp32").all() and df.model.str.contains("random weights").all()
     assert pd.read_csv(tmp_path / "bench.csv").shape == df.shape
     md = (tmp_path / "bench.md").read_text()
