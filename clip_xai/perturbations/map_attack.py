@@ -47,6 +47,7 @@ from clip_xai.explainers.base import cosine, keep_graph, text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.perturbations.base import Perturbation, Perturbed, clamped_share, project
 from clip_xai.perturbations.pgd import check_steps, random_start
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 OBJECTIVES = ("topk", "distance")
@@ -211,7 +212,7 @@ class MapAttack(Perturbation):
         if self.random_start and self.eps > 0:
             x, clamped = project(random_start(pixels, self.eps, seeds), pixels, self.eps)
         best, best_d, best_clamped = pixels.clone(), torch.zeros_like(s0), torch.zeros_like(s0)
-        for t in range(self.steps + 1):
+        for t in steps(self.steps + 1, "map_attack", samples=pixels.shape[0]):  # progress with the job's ETA
             stepping = t < self.steps and self.eps > 0
             if stepping:
                 d, ds, g, gs = self._gradients(model, score, x)

@@ -21,6 +21,7 @@ from clip_xai.perturbations.base import (
     DIRECTIONS, Perturbation, Perturbed, Space, check_direction, clamped_share, perturbation_rng, project,
     similarity_gradient, uniform,
 )
+from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 
@@ -63,7 +64,7 @@ class PGD(Perturbation):
         if self.random_start:
             z, clamped = project(random_start(z0, self.eps, seeds), z0, self.eps)
         sign = DIRECTIONS[self.direction]
-        for _ in range(self.steps):
+        for _ in steps(self.steps, "pgd", samples=z.shape[0]):  # progress with the job's ETA
             g, _ = similarity_gradient(model, space, z, target)
             z, clamped = project(z + sign * self.alpha * g.sign(), z0, self.eps)
         return Perturbed(space.to_pixels(z).detach(), clamped)
