@@ -64,6 +64,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     study.check_data(dataset)
     model = build(cfg, "model").to(device)
     metrics = build(cfg, "metrics")
+    explainer.check_requirements(model)  # one clear error naming what the model lacks, before any projection
     announce_if_long(cfg.explainer.name, dict(cfg.explainer), model, device, precision, len(dataset), study.name)
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
            "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed)}

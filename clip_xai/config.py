@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
@@ -29,6 +30,17 @@ def register_resolvers() -> None:
         from clip_xai.models.openclip import config_image_size
 
         OmegaConf.register_new_resolver("open_clip_image_size", config_image_size)
+
+
+def group_option(conf_dir: str | Path, group: str, name: str) -> DictConfig:
+    """``conf/<group>/<name>.yaml`` with its same-group ``defaults`` merged in, as Hydra composes it
+    (e.g. ``explainer/surgery_demo.yaml`` extends ``surgery``), without composing a whole config."""
+    node = OmegaConf.load(Path(conf_dir) / group / f"{name}.yaml")
+    defaults = list(node.pop("defaults", None) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    parts = [node if d == "_self_" else group_option(conf_dir, group, str(d)) for d in defaults]
+    return OmegaConf.merge(*parts)
 
 
 def build(cfg: DictConfig, group: str, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import open_clip
@@ -181,7 +182,9 @@ FAST = {"rise": ["explainer.n_masks=32", "explainer.n_masks_text=16", "explainer
         "m2ib": ["explainer.steps=2", "explainer.copies=2", "explainer.layer=2"],
         "abm": ["explainer.steps=2", "explainer.noise_samples=2", "explainer.target_layer=2"],
         "mfaba": ["explainer.steps=2"], "surgery": ["explainer.templates=single", "explainer.surgery_layers=2"],
-        "eclip": ["explainer.text_layers=4"]}
+        "eclip": ["explainer.text_layers=4"], "selfattn": ["explainer.text_layers=4"]}
+FAST.update({f"{name}_nib": FAST.get(name, []) for name in ("rise", "mfaba", "saliency", "fastig")},
+            surgery_demo=FAST["surgery"])
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -205,7 +208,7 @@ def test_every_explainer_gives_the_same_maps_on_both_backends(twins, sample_imag
     maps = []
     for model in (oc, hf):
         explainer = build(cfg, "explainer")  # fresh: no per-model caches shared
-        tokens = model.tokens_from_ids(ids)
+        tokens = replace(model.tokens_from_ids(ids), texts=tuple(captions))  # Surgery re-prompts the caption
         raw = explainer(model, pixels, tokens, seeds)
         maps.append(image_maps(raw, (224, 224)) if modality == "image" else text_maps(raw, tokens.content_mask))
     assert maps[0].shape == maps[1].shape

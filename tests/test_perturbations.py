@@ -128,7 +128,7 @@ def test_differentiable_explainers_give_the_same_map_with_a_graph(tiny, batch):
     pixels, tokens, seeds = batch
     names = differentiable_explainers()
     assert set(names) == {"chefer", "eclip", "fastig", "game", "gradcam", "maskclip", "rollout", "saliency",
-                          "selfattn", "surgery"}
+                          "selfattn", "surgery", "surgery_demo", "saliency_nib", "fastig_nib"}
     from clip_xai.config import build
 
     for name in names:

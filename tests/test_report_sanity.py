@@ -17,7 +17,7 @@ L = 4  # blocks
 
 def ident(expl: str, study: str) -> dict:
     return {"sample_id": [f"s{i:02d}" for i in range(N)], "caption": "a photo", "label": 0, "dataset": "rival10",
-            "model": "tiny", "explainer": expl, "modality": "image", "study": study, "seed": 0}
+            "model": "tiny", "explainer": expl, "modality": "image", "study": study, "seed": 0, "caption_flag": ""}
 
 
 def loc_rows(expl: str, eps: float, rng) -> pd.DataFrame:

@@ -99,11 +99,10 @@ def build_surrogate(name: str, model: ClipAdapter):
     from omegaconf import OmegaConf
 
     from clip_xai.__main__ import CONF_DIR
-    from clip_xai.config import build
+    from clip_xai.config import build, group_option
 
-    path = f"{CONF_DIR}/explainer/{name}.yaml"
     try:
-        node = OmegaConf.load(path)
+        node = group_option(CONF_DIR, "explainer", name)
     except FileNotFoundError:
         raise ClipXaiError(f"perturbation.surrogate={name!r} is not an explainer (no conf/explainer/{name}.yaml)",
                            f"use one of: {', '.join(differentiable_explainers())}") from None
@@ -120,13 +119,13 @@ def differentiable_explainers() -> list[str]:
     from pathlib import Path
 
     from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
     from clip_xai.__main__ import CONF_DIR
+    from clip_xai.config import group_option
 
     names = []
     for path in sorted(Path(CONF_DIR, "explainer").glob("*.yaml")):
-        if getattr(get_class(OmegaConf.load(path)["_target_"]), "differentiable", False):
+        if getattr(get_class(group_option(CONF_DIR, "explainer", path.stem)["_target_"]), "differentiable", False):
             names.append(path.stem)
     return names
 

@@ -124,24 +124,23 @@ class Study:
                              pin_memory=ctx.device.type == "cuda")
         examples: dict[str, list] = {}
         start = time.perf_counter()
-        progress = Job(len(todo), f"{ctx.ids['explainer']}")  # inner tasks print the job's ETA
-        for batch, _, skipped in loader:
-            rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
-            fitted = fit_captions(ctx.model, batch, ctx.on_long_caption) if len(batch) else None
-            if fitted is not None:
-                batch = fitted.batch
-                rows += [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, TOO_LONG)
-                         for sid in fitted.too_long]
-            if len(batch):
-                new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
-                rows += new_rows
-                self._collect_examples(examples, ex, ctx.save_examples)
-                ctx.examples_left = ctx.save_examples - sum(len(v) for v in examples.get("sample_id", []))
-            for row in rows:
-                row["caption_flag"] = TRUNCATED if fitted is not None and row["sample_id"] in fitted.truncated else ""
-            writer.append(rows)
-            progress.update(len(batch) + len(skipped) + (len(fitted.too_long) if fitted is not None else 0))
-        progress.close()
+        with Job(len(todo), f"{ctx.ids['explainer']}") as progress:  # closed on error too; tasks print its ETA
+            for batch, _, skipped in loader:
+                rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
+                fitted = fit_captions(ctx.model, batch, ctx.on_long_caption) if len(batch) else None
+                if fitted is not None:
+                    batch = fitted.batch
+                    rows += [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, TOO_LONG)
+                             for sid in fitted.too_long]
+                if len(batch):
+                    new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
+                    rows += new_rows
+                    self._collect_examples(examples, ex, ctx.save_examples)
+                    ctx.examples_left = ctx.save_examples - sum(len(v) for v in examples.get("sample_id", []))
+                for row in rows:
+                    row["caption_flag"] = TRUNCATED if fitted is not None and row["sample_id"] in fitted.truncated else ""
+                writer.append(rows)
+                progress.update(len(batch) + len(skipped) + (len(fitted.too_long) if fitted is not None else 0))
         elapsed = time.perf_counter() - start
         if examples and not (ctx.run_dir / EXAMPLES_FILE).exists():
             np.savez_compressed(ctx.run_dir / EXAMPLES_FILE, **{k: np.concatenate(v)[: ctx.save_examples] for k, v in examples.items()})
