@@ -37,8 +37,9 @@ class TextTokens:
         Exact for the text towers here: padding is behind a causal mask (CLIP) or masked out of
         attention (AltCLIP), so a shorter pad changes no embedding; it only saves work.
         """
-        n = int(self.attention_mask.sum(1).max()) if self.ids.shape[0] else 0
-        n = max(n, int(self.pool_index.max()) + 1 if self.ids.shape[0] else 1)
+        if not len(self):
+            return self
+        n = max(int(self.attention_mask.sum(1).max()), int(self.pool_index.max()) + 1)
         return TextTokens(self.ids[:, :n], self.attention_mask[:, :n], self.pool_index, self.content_mask[:, :n], self.texts)
 
     def index(self, idx) -> "TextTokens":

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.explainers.base import cosine, grad, maybe_detach, maybe_no_grad
+from clip_xai.explainers.base import cosine, grad, grad_input, maybe_detach, maybe_no_grad
 from clip_xai.models.base import BlockRecord, ClipAdapter, Tower
 from clip_xai.types import TextTokens
 
@@ -80,7 +80,7 @@ def similarity_from(
         x, bias = tower.embed(s.inputs)
         x, _ = tower.run(x, bias, stop=first, heads=heads)
     with torch.enable_grad():
-        x = x if x.requires_grad else x.detach().requires_grad_(True)  # graph kept from the pixels
+        x = grad_input(x)  # inside keep_graph: the graph from the pixels is kept
         x, records = tower.run(x, bias, start=first, record=record, heads=heads)
         return cosine(tower.pool(x, s.inputs), target), records
 

@@ -187,12 +187,12 @@ def maybe_detach(t: Tensor) -> Tensor:
     return t if graph_kept() else t.detach()
 
 
-def _grad_input(pixels: Tensor) -> Tensor:
-    """The leaf a method differentiates: a fresh detached copy, or, inside :func:`keep_graph`, the
-    caller's pixels themselves when they already carry a graph."""
-    if graph_kept() and pixels.requires_grad:
-        return pixels
-    return pixels.detach().requires_grad_(True)
+def grad_input(x: Tensor) -> Tensor:
+    """The leaf a method differentiates (pixels or a hidden state): a fresh detached copy, or,
+    inside :func:`keep_graph`, ``x`` itself when it already carries a graph to the pixels."""
+    if graph_kept() and x.requires_grad:
+        return x
+    return x.detach().requires_grad_(True)
 
 
 # --- forward helpers shared by the methods -------------------------------------------------
@@ -228,7 +228,7 @@ def cosine(emb: Tensor, unit_target: Tensor) -> Tensor:
 def vision_similarity(model: ClipAdapter, pixels: Tensor, target: Tensor, **run_kwargs) -> tuple[Tensor, dict[int, BlockRecord]]:
     """Cosine(image, target) with the graph kept so records can be differentiated."""
     with torch.enable_grad():
-        px = _grad_input(pixels)
+        px = grad_input(pixels)
         emb, records = model.vision(px, **run_kwargs)
         return cosine(emb, target), records
 
@@ -236,7 +236,7 @@ def vision_similarity(model: ClipAdapter, pixels: Tensor, target: Tensor, **run_
 def pixel_gradient(model: ClipAdapter, pixels: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(∂cos(f_I(x), target)/∂x, cos) for [0,1] pixels x, per sample."""
     with torch.enable_grad():
-        px = _grad_input(pixels)
+        px = grad_input(pixels)
         s = cosine(model.vision(px)[0], target)
         (g,) = grad(s, [px])
     return g, s.detach()
