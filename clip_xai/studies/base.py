@@ -92,6 +92,10 @@ class Study:
         ctx.explainer.check_requirements(ctx.model)
         ctx.explainer.check_model(ctx.model)
         check_policy(ctx.on_long_caption)
+        if self.uses_perturbation:
+            if ctx.perturbation is None:
+                raise ClipXaiError(f"study={self.name} needs a perturbation", "add perturbation=fgsm")
+            ctx.perturbation.bind(ctx.explainer, ctx.model)  # attacks on maps check the explainer here
 
     def check_data(self, dataset) -> None:
         """Validate the dataset right after it is built, before the model is loaded."""

@@ -22,7 +22,7 @@ from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
 from clip_xai.schema import LOCALISATION_COLUMNS, LOCALISATION_METRICS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
-from clip_xai.studies.sensitivity import clean_maps
+from clip_xai.studies.sensitivity import clean_maps, perturb_batch
 
 CONF_DATASETS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
@@ -66,10 +66,6 @@ class LocalisationStudy(Study):
     def check(self, ctx: RunContext) -> None:
         super().check(ctx)
         self.check_data(ctx.dataset)
-        if self.perturbed and ctx.perturbation is None:
-            raise ClipXaiError("study.perturbed=true needs a perturbation", "add perturbation=fgsm")
-        if self.perturbed:
-            ctx.perturbation.bind(ctx.explainer, ctx.model)  # attacks on maps check the explainer here
         if ctx.explainer.modality != "image":
             raise ClipXaiError("study=localisation scores image maps against object masks; text maps have none",
                                "use explainer.modality=image")
@@ -80,7 +76,7 @@ class LocalisationStudy(Study):
         clean = image_maps(clean_maps(ctx, prep).float(), size)
         pert = pert_pixels = None
         if self.perturbed:
-            pert_pixels = ctx.perturbation(model, prep.pixels, prep.tokens, prep.seeds)  # seeded per sample
+            pert_pixels = perturb_batch(ctx, prep)[0].pixels  # seeded per sample, L∞ checked as in sensitivity
             pert = image_maps(explainer(model, pert_pixels, prep.tokens, prep.seeds).float(), size)
         n = len(b)
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=clean.device)
@@ -103,7 +99,7 @@ class LocalisationStudy(Study):
         cols.update(complexity_columns(pert, "pert") if pert is not None else {c: nan for c in column_names("pert")})
         host = {k: v.double().cpu().tolist() for k, v in cols.items()}
         labels = b.labels.tolist()
-        pname = ctx.perturbation.name if self.perturbed else "none"
+        pname = ctx.perturbation.label if self.perturbed else "none"
         eps = float(ctx.perturbation.eps) if self.perturbed else float("nan")
         mask_name = getattr(ctx.dataset, "mask", None) or getattr(ctx.metrics, "mask", "")
         rows = [

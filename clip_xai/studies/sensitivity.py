@@ -15,7 +15,7 @@ import torch
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
-from clip_xai.perturbations.base import LINF_TOL, achieved_linf
+from clip_xai.perturbations.base import LINF_TOL, Perturbed, achieved_linf
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 
@@ -26,6 +26,18 @@ def clean_maps(ctx: RunContext, prep: Prepared) -> torch.Tensor:
     if ctx.cache is None:
         return compute()
     return ctx.cache.get_or_compute(prep.batch.sample_ids, compute, ctx.device)
+
+
+def perturb_batch(ctx: RunContext, prep: Prepared) -> tuple[Perturbed, torch.Tensor]:
+    """The batch's perturbation (seeded per sample) and its achieved L∞ per sample. A pixel-space
+    perturbation that moved a pixel by more than its ε is a bug and stops the run."""
+    perturbed = ctx.perturbation.perturb(ctx.model, prep.pixels, prep.tokens, prep.seeds)
+    linf = achieved_linf(prep.pixels, perturbed.pixels)
+    bound = ctx.perturbation.linf_bound
+    if bound is not None and bool((linf > bound + LINF_TOL).any()):
+        raise RuntimeError(f"{ctx.perturbation.label} changed a pixel by {linf.max().item():.6g} > eps={bound:g}: "
+                           "a bug in the perturbation, not in the input")
+    return perturbed, linf
 
 
 class SensitivityStudy(Study):
@@ -40,23 +52,15 @@ class SensitivityStudy(Study):
 
     def check(self, ctx: RunContext) -> None:
         super().check(ctx)
-        if ctx.perturbation is None:
-            raise ClipXaiError("study=sensitivity needs a perturbation", "add perturbation=fgsm")
         if ctx.explainer.modality != "image":
             raise ClipXaiError("study=sensitivity compares image maps; explainer.modality=text has none to compare",
                                "use explainer.modality=image, or study=faithfulness for text maps")
-        ctx.perturbation.bind(ctx.explainer, ctx.model)
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         model, explainer = ctx.model, ctx.explainer
         clean_raw = clean_maps(ctx, prep)
-        perturbed = ctx.perturbation.perturb(model, prep.pixels, prep.tokens, prep.seeds)
+        perturbed, linf = perturb_batch(ctx, prep)
         pert_pixels = perturbed.pixels
-        linf = achieved_linf(prep.pixels, pert_pixels)
-        bound = ctx.perturbation.linf_bound
-        if bound is not None and bool((linf > bound + LINF_TOL).any()):
-            raise RuntimeError(f"{ctx.perturbation.label} changed a pixel by {linf.max().item():.6g} > eps={bound:g}: "
-                               "a bug in the perturbation, not in the input")
         pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
         with torch.no_grad():  # one text forward, one image forward for clean and perturbed
             text = model.encode_text(prep.tokens).float()
