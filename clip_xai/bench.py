@@ -205,9 +205,10 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
             label = "map_attack (perturbation, gradcam)"
         jobs.append((label, pert, pert, True))
     for name in explainers:  # FLOPs are counted eagerly: a second instance with compilation off
-        jobs.append((name, build(_explainer_cfg(overrides, name, per_explainer), "explainer"),
-                     build(_explainer_cfg(overrides, name, per_explainer + ["explainer.compile=false"]), "explainer"),
-                     False))
+        fn = build(_explainer_cfg(overrides, name, per_explainer), "explainer")
+        eager = build(_explainer_cfg(overrides, name, per_explainer + ["explainer.compile=false"]), "explainer") \
+            if flops else fn
+        jobs.append((name, fn, eager, False))
     for name, fn, eager, is_step in jobs:
         make = (lambda f: (lambda px, tok, s: (lambda: f(model, px, tok)))) if is_step else \
                (lambda f: (lambda px, tok, s: (lambda: f(model, px, tok, s))))

@@ -57,3 +57,9 @@ def test_controls_view_writes_files_and_says_what_it_skipped(tmp_path):
     assert set(achieved["perturbation"]) == {"fgsm", "pgd", "noise_sign"} and (achieved["rows"] == 2 * N).all()
     figs, tabs, skipped = controls.controls_view(df[df.perturbation != "noise_sign"], tmp_path / "b", n_boot=50)
     assert not figs and len(tabs) == 1 and "perturbation=noise" in skipped[0]
+
+
+def test_control_target_names_the_noise_class():
+    from clip_xai.perturbations.noise import Noise
+
+    assert controls.CONTROL_TARGET == f"{Noise.__module__}.{Noise.__qualname__}"
