@@ -17,7 +17,6 @@ Pinned checksums and where they come from (no other checksums are pinned, and no
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -206,10 +206,12 @@ def verify_rival10(root: Path, deep: bool = True, workers: int = 4) -> Report:
         files = _listdir(folder)
         names = {p.name for p in files}
         images = [p for p in files if p.suffix == ".JPEG" and not p.name.endswith("_merged_mask.JPEG")]
-        known = [p for p in images if p.stem.split("_")[0] in RIVAL10_WNIDS]
+        is_known = [p.stem.split("_")[0] in RIVAL10_WNIDS for p in images]  # one pass: no list lookups
+        known = [p for p, ok in zip(images, is_known) if ok]
         rep.count(f"{split} images", len(known))
         total += len(known)
-        rep.problem(f"{split}: images of other wnids (ignored by the loader)", [p.name for p in images if p not in known])
+        rep.problem(f"{split}: images of other wnids (ignored by the loader)",
+                    [p.name for p, ok in zip(images, is_known) if not ok])
         for suffix in companions:
             missing = [p.name for p in known if p.stem + suffix not in names]
             rep.count(f"{split} {suffix.lstrip('_')}", len(known) - len(missing))
@@ -271,9 +273,10 @@ def verify_cc(root: Path, deep: bool = True, workers: int = 4) -> Report:
     files = [p for d in _listdir(root) if d.is_dir() for p in _listdir(d)]
     images = _images(files)
     names = {str(p) for p in files}
-    captioned = [p for p in images if str(p.with_suffix(".txt")) in names]
+    has_caption = [str(p.with_suffix(".txt")) in names for p in images]  # one pass: no list lookups
+    captioned = [p for p, ok in zip(images, has_caption) if ok]
     rep.count("images with a caption", len(captioned))
-    rep.problem("images without a caption .txt", [str(p) for p in images if p not in captioned])
+    rep.problem("images without a caption .txt", [str(p) for p, ok in zip(images, has_caption) if not ok])
     manifest = root / "manifest.csv"
     if manifest.is_file():
         rows = _read_manifest(manifest)

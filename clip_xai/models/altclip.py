@@ -26,7 +26,6 @@ pretrained AltCLIP weights.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
