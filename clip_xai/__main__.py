@@ -1,6 +1,6 @@
 """The one entrypoint: ``python -m clip_xai [overrides]`` or ``clip-xai [overrides]`` (``-m`` sweeps).
 
-Composes ``conf/config.yaml`` (found by :func:`conf_dir`), builds model, dataset, explainer,
+Composes ``conf/config.yaml`` (found by :func:`clip_xai.paths.conf_dir`), builds model, dataset, explainer,
 perturbation, metrics and study from their groups, runs the study into the job's run directory
 and logs to W&B.
 """
@@ -21,22 +21,11 @@ from clip_xai.config import build, pick_device, register_resolvers, resolve_prec
 from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
+from clip_xai.paths import CONF_DIR
 from clip_xai.projection import announce_if_long
 from clip_xai.schema import CONFIG_FILE
 
 log = logging.getLogger("clip_xai")
-
-
-def conf_dir() -> Path:
-    """The config tree: ``clip_xai/conf`` in an installed wheel (the build copies the repository's
-    ``conf/`` and ``experiments/`` there), else ``conf/`` beside the package (checkout, editable
-    install). The packaged copy comes first, so a stray ``conf/`` in site-packages is never used."""
-    package = Path(__file__).resolve().parent
-    candidates = (package / "conf", package.parent / "conf")
-    return next((c for c in candidates if (c / "config.yaml").is_file()), candidates[0])
-
-
-CONF_DIR = str(conf_dir())
 
 
 def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict:

@@ -152,7 +152,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
     from clip_xai.config import register_resolvers
 
     register_resolvers()
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baselines", action="store_true",
                    help="also time RISE on ViT-B/16 and the sensitivity metrics against plain re-implementations")
     a = p.parse_args(argv)
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
 
     names = a.explainers or sorted(f.stem for f in (Path(CONF_DIR) / "explainer").glob("*.yaml"))
     runs = [(a.model, a.extra, a.out)]

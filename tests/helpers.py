@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from clip_xai.__main__ import CONF_DIR
+from clip_xai.paths import CONF_DIR
 from clip_xai.config import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]

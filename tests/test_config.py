@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from clip_xai.__main__ import CONF_DIR, run
+from clip_xai.__main__ import run
+from clip_xai.paths import CONF_DIR
 from clip_xai.config import build
 from clip_xai.errors import ClipXaiError
 from tests.helpers import compose_cfg

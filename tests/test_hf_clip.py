@@ -188,7 +188,7 @@ FAST.update({f"{name}_nib": FAST.get(name, []) for name in ("rise", "mfaba", "sa
 
 
 def _cases() -> list[tuple[str, str]]:
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
 
     cases = []
     for path in sorted((Path(CONF_DIR) / "explainer").glob("*.yaml")):

@@ -90,7 +90,7 @@ def test_missing_configs_is_one_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_checkout_reads_the_repository_conf():
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
 
     assert Path(CONF_DIR) == REPO / "conf"
     assert not (REPO / "clip_xai" / "conf").exists(), "the build must not write configs into the source tree"
@@ -165,7 +165,7 @@ def test_wheel_composes_every_experiment_from_any_directory(installed):
         from importlib.metadata import distribution
         from hydra import compose, initialize_config_dir
         import clip_xai
-        from clip_xai.__main__ import CONF_DIR
+        from clip_xai.paths import CONF_DIR
         from clip_xai.config import register_resolvers
         from pathlib import Path
         register_resolvers()

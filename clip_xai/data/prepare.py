@@ -359,7 +359,7 @@ def default_root(name: str) -> Path:
     (``$CLIP_XAI_DATA/<name>``, or ``data/<name>`` when the variable is unset)."""
     from omegaconf import OmegaConf
 
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
 
     cfg = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
     root = OmegaConf.select(cfg, f"dataset_roots.{name}")

@@ -98,7 +98,7 @@ def build_surrogate(name: str, model: ClipAdapter):
     """The explainer ``conf/explainer/<name>.yaml`` with its defaults, checked for differentiable maps."""
     from omegaconf import OmegaConf
 
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
     from clip_xai.config import build, group_option
 
     try:
@@ -120,7 +120,7 @@ def differentiable_explainers() -> list[str]:
 
     from hydra.utils import get_class
 
-    from clip_xai.__main__ import CONF_DIR
+    from clip_xai.paths import CONF_DIR
     from clip_xai.config import group_option
 
     names = []

@@ -18,13 +18,14 @@ import torch
 import yaml
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.paths import CONF_DIR
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
 from clip_xai.schema import LOCALISATION_COLUMNS, LOCALISATION_METRICS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 from clip_xai.studies.sensitivity import clean_maps, perturb_batch
 
-CONF_DATASETS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+CONF_DATASETS = Path(CONF_DIR) / "dataset"
 
 
 def datasets_with_masks(conf_dir: Path = CONF_DATASETS) -> list[str]:
