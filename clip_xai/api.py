@@ -19,9 +19,9 @@ over the given images, so their rows are the rows ``results.parquet`` would hold
 Images are PIL images or image file paths (resized and centre-cropped to the model's input size
 exactly as the datasets do), or one (B,3,H,W) float tensor with values in [0,1] (resized to the
 model's input size with the same bicubic filter when it is not already that size). Sample ``i``
-of a call gets the per-sample seed of sample id ``str(i)`` (seeded methods such as RISE, M2IB and
-the noise controls draw from it), so :func:`explain`, :func:`perturb` and the studies agree on
-one call's images.
+of a call has the sample id ``str(i)`` unless ``sample_ids`` names them; with the seed it seeds the
+sample's noise (RISE masks, bottleneck noise, noise controls, ROAD), so :func:`explain`,
+:func:`perturb` and the studies agree on one call's images.
 
 Bad input raises :class:`~clip_xai.errors.ClipXaiError` (what is wrong and how to fix it) before
 any image is decoded or any model runs.
@@ -115,15 +115,20 @@ def _composed(choices: tuple[tuple[str, str], ...]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def _config(choices: dict[str, str], settings: dict[str, dict] | None = None) -> DictConfig:
+def _config(choices: dict[str, str], settings: dict[str, dict] | None = None, seed: int | None = None) -> DictConfig:
     """The config ``python -m clip_xai group=option ...`` composes, with ``settings`` (group → key →
-    value) written into the chosen options. Unknown options and keys are refused, naming the valid ones."""
+    value) written into the chosen options and ``seed`` as the run's seed. Unknown options and keys
+    are refused, naming the valid ones."""
     what = {"model": "model", "explainer": "method", "perturbation": "perturbation", "study": "study"}
     for group, option in choices.items():
         options = _options(group)
         if not isinstance(option, str) or option not in options:
             raise ClipXaiError(f"unknown {what.get(group, group)} {option!r}", f"use one of: {', '.join(options)}")
     cfg = copy.deepcopy(_composed(tuple(sorted(choices.items()))))
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ClipXaiError(f"seed must be an integer, got {seed!r}", "pass e.g. seed=0")
+        cfg.seed = int(seed)
     for group, values in (settings or {}).items():
         node = cfg[group]
         allowed = [k for k in node if k not in _FIXED_KEYS + META_KEYS.get(group, ())]
@@ -233,17 +238,20 @@ class _Inputs:
     ids: list[str]
 
 
-def _inputs(model: ClipAdapter, images, texts, seed: int) -> _Inputs:
+def _inputs(model: ClipAdapter, images, texts, seed: int, sample_ids: Sequence[str] | None) -> _Inputs:
     """Check, then decode and tokenise (a too-long caption is refused by the tokenizer)."""
     items = _image_list(images)
     texts = _text_list(texts, len(items))
+    ids = [str(i) for i in range(len(texts))] if sample_ids is None else [str(s) for s in sample_ids]
+    if len(ids) != len(texts) or len(set(ids)) != len(ids) or isinstance(sample_ids, str):
+        raise ClipXaiError(f"sample_ids must be {len(texts)} distinct ids, one per image, got {sample_ids!r}",
+                           "pass one id per image, or leave sample_ids=None for 0, 1, 2, ...")
     lengths = model.token_lengths(texts)
     long = [t for t, n in zip(texts, lengths) if n > model.context_length]
     if long:
         raise ClipXaiError(f"caption too long for the {model.context_length}-token context of {model.name}: {long[0][:80]!r}",
                            "shorten the caption")
     pixels, size = _to_model_size(model, items)
-    ids = [str(i) for i in range(len(texts))]
     seeds = torch.tensor([sample_seed(seed, sid) for sid in ids], dtype=torch.long)
     return _Inputs(pixels, size, texts, model.tokenize(texts), seeds, ids)
 
@@ -285,7 +293,8 @@ def load_model(name: str = "vit_b16", device: str = "auto", **overrides) -> Clip
 
 
 def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip",
-            modality: str = "image", raw: bool = False, **params) -> Tensor | TokenScores:
+            modality: str = "image", raw: bool = False, *, sample_ids: Sequence[str] | None = None,
+            seed: int | None = None, **params) -> Tensor | TokenScores:
     """Explain image–text pairs with one method.
 
     Args:
@@ -298,6 +307,10 @@ def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], meth
         modality: ``image`` for maps over the image (the caption's embedding is the target),
             ``text`` for scores over the caption's tokens (the image's embedding is the target).
         raw: Return the method's own maps, before the shared post-processing.
+        sample_ids: One id per image (default ``"0"``, ``"1"``, ...). With the seed it seeds each
+            image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
+            sample id does on the command line; pass a run's ids to reproduce its seeded maps.
+        seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
         **params: That method's settings (its yaml keys), e.g. ``n_masks=500`` for ``rise``.
 
     Returns:
@@ -319,9 +332,9 @@ def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], meth
         torch.Size([1, 224, 224])
     """
     _check_model(model)
-    cfg = _config({"explainer": method}, {"explainer": {**params, "modality": modality}})
+    cfg = _config({"explainer": method}, {"explainer": {**params, "modality": modality}}, seed)
     explainer = _build_explainer(cfg, model)
-    inp = _inputs(model, images, texts, int(cfg.seed))
+    inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
     with precision_scope(model.device, resolve_precision(model.device, str(cfg.precision))):
         out = explainer(model, inp.pixels, inp.tokens, inp.seeds).float()
     if explainer.modality == "text":
@@ -368,8 +381,9 @@ def _token_decoder(model: ClipAdapter):
     return lambda i: tok.decode([int(i)]).strip()
 
 
-def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind: str = "fgsm", eps: float = 8 / 255,
-            *, method: str = "eclip", **params) -> Tensor:
+def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind: str = "fgsm", eps: float | None = None,
+            *, method: str = "eclip", sample_ids: Sequence[str] | None = None, seed: int | None = None,
+            **params) -> Tensor:
     """Perturb images as the sensitivity study does.
 
     Args:
@@ -377,8 +391,13 @@ def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind
         images: As in :func:`explain`.
         texts: One caption per image (the attacks move the image–text similarity).
         kind: Any ``perturbation=`` option: ``fgsm``, ``pgd``, ``noise``, ``map_attack``.
-        eps: The L∞ budget in [0,1] pixel units (8/255 by default).
+        eps: The L∞ budget in [0,1] pixel units; None takes the yaml's (0.0314 ≈ 8/255, as the
+            command line does).
         method: The explainer whose map ``map_attack`` attacks (ignored by the other kinds).
+        sample_ids: One id per image (default ``"0"``, ``"1"``, ...). With the seed it seeds each
+            image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
+            sample id does on the command line; pass a run's ids to reproduce its seeded maps.
+        seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
         **params: That perturbation's settings, e.g. ``steps=20`` for ``pgd``, ``kind="gaussian"``
             for ``noise``, ``direction="decrease"``.
 
@@ -390,23 +409,23 @@ def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind
         ClipXaiError: Unknown kind or setting, ``eps`` outside [0,1], bad images or texts.
     """
     _check_model(model)
-    cfg = _config({"perturbation": kind, "explainer": method}, {"perturbation": {**params, "eps": eps}})
+    cfg = _config({"perturbation": kind, "explainer": method}, {"perturbation": _with_eps(params, eps)}, seed)
     perturbation = build(cfg, "perturbation")
     perturbation.bind(_build_explainer(cfg, model), model)
-    inp = _inputs(model, images, texts, int(cfg.seed))
+    inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
     with precision_scope(model.device, resolve_precision(model.device, str(cfg.precision))):
         return perturbation(model, inp.pixels, inp.tokens, inp.seeds).detach()
 
 
 def sensitivity(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip",
-                eps: float | Sequence[float] = 8 / 255, perturbation: str = "fgsm", *,
+                eps: float | Sequence[float] | None = None, perturbation: str = "fgsm", *,
                 perturbation_params: dict | None = None, metrics_params: dict | None = None,
-                **params) -> pd.DataFrame:
+                sample_ids: Sequence[str] | None = None, seed: int | None = None, **params) -> pd.DataFrame:
     """Run the sensitivity study (clean map vs the map of the perturbed image) on these images.
 
     The study's own loop runs over the images, so the rows are the rows ``results.parquet`` of
     ``python -m clip_xai study=sensitivity`` would hold (``dataset`` is ``memory``, sample ids are
-    the positions ``"0"``, ``"1"``, ...). A list of ε runs one study per value; clean maps are
+    ``sample_ids``, by default the positions ``"0"``, ``"1"``, ...). A list of ε runs one study per value; clean maps are
     computed once and shared, as a command-line sweep does.
 
     Args:
@@ -414,10 +433,15 @@ def sensitivity(model: ClipAdapter, images: Images, texts: str | Sequence[str], 
         images: As in :func:`explain`.
         texts: One caption per image.
         method: Any ``explainer=`` option.
-        eps: One budget or a list of them (``perturbation.eps``).
+        eps: One budget or a list of them (``perturbation.eps``); None takes the yaml's
+            (0.0314 ≈ 8/255 for every perturbation, as the command line does).
         perturbation: Any ``perturbation=`` option.
         perturbation_params: That perturbation's other settings (``perturbation.*``).
-        metrics_params: Settings of the sensitivity metrics (``metrics.*``, e.g. ``k=100``).
+        metrics_params: Settings of the sensitivity metrics (``metrics.*``, e.g. ``{"k": 50}``).
+        sample_ids: One id per image (default ``"0"``, ``"1"``, ...). With the seed it seeds each
+            image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
+            sample id does on the command line; pass a run's ids to reproduce its seeded maps.
+        seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
         **params: The method's settings, as in :func:`explain`.
 
     Returns:
@@ -428,15 +452,18 @@ def sensitivity(model: ClipAdapter, images: Images, texts: str | Sequence[str], 
     Raises:
         ClipXaiError: As :func:`explain` and :func:`perturb`; also a text-modality method.
     """
-    epsilons = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
+    if "eps" in (perturbation_params or {}):
+        raise ClipXaiError("perturbation_params holds 'eps'", "pass the budget as sensitivity(..., eps=...)")
+    epsilons = list(eps) if isinstance(eps, (list, tuple)) else [eps]
     if not epsilons:
         raise ClipXaiError("eps is an empty list", "pass one budget or a list of them, e.g. eps=[4/255, 8/255]")
     settings = {"explainer": params, "perturbation": dict(perturbation_params or {}), "metrics": dict(metrics_params or {})}
-    return _run_study(model, images, texts, "sensitivity", method, perturbation, settings, epsilons)
+    return _run_study(model, images, texts, "sensitivity", method, perturbation, settings, epsilons, sample_ids, seed)
 
 
 def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip", *,
-                 metrics_params: dict | None = None, **params) -> pd.DataFrame:
+                 metrics_params: dict | None = None, sample_ids: Sequence[str] | None = None, seed: int | None = None,
+                 **params) -> pd.DataFrame:
     """Run the faithfulness study (Confidence Drop/Increase for image and text maps, ROAD) on these images.
 
     Rows are those of ``python -m clip_xai study=faithfulness``'s ``results.parquet``
@@ -449,6 +476,10 @@ def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str],
         method: Any ``explainer=`` option.
         metrics_params: Settings of the faithfulness metrics (``metrics.*``), e.g.
             ``{"road": False}`` to skip ROAD, ``{"road_percentages": [20, 50, 80]}``.
+        sample_ids: One id per image (default ``"0"``, ``"1"``, ...). With the seed it seeds each
+            image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
+            sample id does on the command line; pass a run's ids to reproduce its seeded maps.
+        seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
         **params: The method's settings, as in :func:`explain`.
 
     Returns:
@@ -459,40 +490,51 @@ def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str],
         ClipXaiError: As :func:`explain`.
     """
     settings = {"explainer": params, "metrics": dict(metrics_params or {})}
-    return _run_study(model, images, texts, "faithfulness", method, None, settings, [None])
+    return _run_study(model, images, texts, "faithfulness", method, None, settings, [None], sample_ids, seed)
+
+
+def _with_eps(params: dict, eps) -> dict:
+    """A perturbation's settings with ``eps`` set, unless it is None (then the yaml's value stands)."""
+    return dict(params) if eps is None else {**params, "eps": eps}
 
 
 def _run_study(model, images, texts, study_name: str, method: str, perturbation: str | None,
-               settings: dict, epsilons: list) -> pd.DataFrame:
+               settings: dict, epsilons: list, sample_ids, seed) -> pd.DataFrame:
     """Build the study's parts from the composed config and run its loop once per ε in a temp dir."""
     from clip_xai.studies.base import RunContext
     from clip_xai.studies.cache import CleanMapCache
 
     _check_model(model)
     choices = {"study": study_name, "explainer": method, **({"perturbation": perturbation} if perturbation else {})}
-    cfg = _config(choices, settings)
+    cfg = _config(choices, settings, seed)
     study = build(cfg, "study")
     explainer = _build_explainer(cfg, model)
     metrics = build(cfg, "metrics")
-    perturbations = [build(_config(choices, {**settings, "perturbation": {**settings["perturbation"], "eps": e}}),
+    perturbations = [build(_config(choices, {**settings, "perturbation": _with_eps(settings["perturbation"], e)}, seed),
                            "perturbation") for e in epsilons] if study.uses_perturbation else [None]
-    inp = _inputs(model, images, texts, int(cfg.seed))
-    dataset = PixelDataset(inp.pixels, inp.texts, inp.ids)
-    study.check_data(dataset)
     ids = {"dataset": "memory", "model": model.name, "explainer": explainer.name,
            "modality": explainer.modality, "seed": int(cfg.seed)}
+
+    def context(run_dir: Path | None, dataset, perturbation, cache) -> RunContext:
+        return RunContext(run_dir=run_dir, device=model.device, model=model, dataset=dataset, explainer=explainer,
+                          metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size), num_workers=0,
+                          precision=resolve_precision(model.device, str(cfg.precision)), save_examples=0,
+                          perturbation=perturbation, cache=cache,
+                          on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")))
+
+    for pert in perturbations:
+        study.check(context(None, None, pert, None))  # the study's own start-up checks, before any image is read
+    inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
+    dataset = PixelDataset(inp.pixels, inp.texts, inp.ids)
+    study.check_data(dataset)
     frames, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="clip_xai_api_") as tmp:
-        cache = CleanMapCache(Path(tmp) / "cache") if study.uses_perturbation and len(perturbations) > 1 else None
+        share = study.uses_perturbation and len(perturbations) > 1  # a sweep: clean maps once, as on the CLI
         for i, pert in enumerate(perturbations):
             run_dir = Path(tmp) / f"run{i}"
             run_dir.mkdir()
-            ctx = RunContext(run_dir=run_dir, device=model.device, model=model, dataset=dataset, explainer=explainer,
-                             metrics=metrics, ids=ids, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
-                             num_workers=0, precision=resolve_precision(model.device, str(cfg.precision)),
-                             save_examples=0, perturbation=pert, cache=cache,
-                             on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")))
-            summaries.append(study.run(ctx))
+            cache = CleanMapCache(Path(tmp) / "cache") if share else None  # per run: each summary counts its own hits
+            summaries.append(study.run(context(run_dir, dataset, pert, cache)))
             frames.append(pd.read_parquet(run_dir / RESULTS_FILE))
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     df.attrs["summaries"] = summaries
