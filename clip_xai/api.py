@@ -3,50 +3,56 @@
 ```python
 import clip_xai
 
-model = clip_xai.load_model("tiny")                    # a small RANDOM model; "vit_b16" needs its weights
+model = clip_xai.load_model("tiny")  # small, RANDOM weights: "vit_b16" for real maps
 maps = clip_xai.explain(model, ["cat.jpg"], ["a photo of a cat"], method="eclip")
 fig = clip_xai.show(["cat.jpg"], maps, ["a photo of a cat"])
-rows = clip_xai.sensitivity(model, ["cat.jpg"], ["a photo of a cat"], method="eclip", eps=[4 / 255, 8 / 255])
+rows = clip_xai.sensitivity(model, ["cat.jpg"], ["a photo of a cat"],
+                            method="eclip", eps=[4 / 255, 8 / 255])
 ```
 
 Every default comes from the yaml files the command line composes (``conf/``, through Hydra's
-compose API) and every object is built by the same code (:func:`clip_xai.config.build`), so a call
+compose API) and every object is built by the same code (`clip_xai.config.build`), so a call
 here and ``python -m clip_xai`` with the same settings give the same numbers. A setting is passed
 as a keyword: ``explain(..., method="rise", n_masks=500)`` is ``explainer=rise
-explainer.n_masks=500``. :func:`sensitivity` and :func:`faithfulness` run the studies' own loops
-over the given images, so their rows are the rows ``results.parquet`` would hold.
+explainer.n_masks=500``. [`sensitivity`][clip_xai.api.sensitivity] and
+[`faithfulness`][clip_xai.api.faithfulness] run the studies' own loops over the given images, so
+their rows are the rows ``results.parquet`` would hold.
 
 Images are PIL images or image file paths (resized and centre-cropped to the model's input size
 exactly as the datasets do), or one (B,3,H,W) float tensor with values in [0,1] (resized to the
 model's input size with the same bicubic filter when it is not already that size). Sample ``i``
-of a call has the sample id ``str(i)`` unless ``sample_ids`` names them; with the seed it seeds the
-sample's noise (RISE masks, bottleneck noise, noise controls, ROAD), so :func:`explain`,
-:func:`perturb` and the studies agree on one call's images.
+of a call has the sample id ``str(i)`` unless ``sample_ids`` names them; with the seed, the id
+seeds the sample's noise (RISE masks, bottleneck noise, noise controls, ROAD), so
+[`explain`][clip_xai.api.explain], [`perturb`][clip_xai.api.perturb] and the studies agree on
+one call's images.
 
-Bad input raises :class:`~clip_xai.errors.ClipXaiError` (what is wrong and how to fix it) before
-any image is decoded or any model runs.
+Bad input raises `clip_xai.errors.ClipXaiError` (what is wrong and how to fix it) before any
+image is decoded or any model runs.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import io
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from omegaconf import DictConfig, OmegaConf
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from torch import Tensor
 
-from clip_xai.config import META_KEYS, build, pick_device, precision_scope, register_resolvers, resolve_precision, sample_seed
+from clip_xai.config import (META_KEYS, build, pick_device, precision_scope, register_resolvers, resolve_precision,
+                             sample_seed)
 from clip_xai.data.base import ImageCaptionDataset, Record, load_rgb
 from clip_xai.data.memory import PixelDataset
 from clip_xai.errors import ClipXaiError
@@ -95,6 +101,16 @@ class TokenScores:
     def pairs(self, i: int) -> list[tuple[str, float]]:
         """Caption ``i`` as (token, score) pairs, in caption order."""
         return list(zip(self.tokens[i], self.scores[i].tolist()))
+
+
+class _NotebookFigure(Figure):
+    """A matplotlib figure that a notebook shows as PNG when it ends a cell, with no pyplot state
+    (pyplot's inline backend would show it a second time, and keep every figure alive)."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png")
+        return buf.getvalue()
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -171,7 +187,8 @@ def _image_list(images) -> list | Tensor:
         return px
     items = [images] if isinstance(images, (Image.Image, str, Path)) else images
     if not isinstance(items, (list, tuple)):
-        raise ClipXaiError(f"images must be PIL images, image file paths or a (B,3,H,W) tensor, got {type(images).__name__}",
+        raise ClipXaiError(f"images must be PIL images, image file paths or a (B,3,H,W) tensor, "
+                           f"got {type(images).__name__}",
                            "pass a list of PIL images or paths, or one float tensor in [0,1]")
     if not items:
         raise ClipXaiError("no images were given", "pass at least one image")
@@ -249,7 +266,8 @@ def _inputs(model: ClipAdapter, images, texts, seed: int, sample_ids: Sequence[s
     lengths = model.token_lengths(texts)
     long = [t for t, n in zip(texts, lengths) if n > model.context_length]
     if long:
-        raise ClipXaiError(f"caption too long for the {model.context_length}-token context of {model.name}: {long[0][:80]!r}",
+        raise ClipXaiError(f"caption too long for the {model.context_length}-token context of {model.name}: "
+                           f"{long[0][:80]!r}",
                            "shorten the caption")
     pixels, size = _to_model_size(model, items)
     seeds = torch.tensor([sample_seed(seed, sid) for sid in ids], dtype=torch.long)
@@ -266,7 +284,7 @@ def _build_explainer(cfg: DictConfig, model: ClipAdapter):
 # --- the calls --------------------------------------------------------------------------------
 
 
-def load_model(name: str = "vit_b16", device: str = "auto", **overrides) -> ClipAdapter:
+def load_model(name: str = "vit_b16", device: str = "auto", **overrides: Any) -> ClipAdapter:
     """Build a model exactly as ``python -m clip_xai model=NAME`` does.
 
     Args:
@@ -278,7 +296,7 @@ def load_model(name: str = "vit_b16", device: str = "auto", **overrides) -> Clip
             checkpoint path, ``seed=1`` for the weights of a random model.
 
     Returns:
-        The model adapter (a :class:`clip_xai.models.base.ClipAdapter`) in eval mode on ``device``.
+        The model adapter (a `clip_xai.models.base.ClipAdapter`) in eval mode on ``device``.
 
     Raises:
         ClipXaiError: Unknown option or key (the valid ones are named), weights that cannot be
@@ -294,11 +312,11 @@ def load_model(name: str = "vit_b16", device: str = "auto", **overrides) -> Clip
 
 def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip",
             modality: str = "image", raw: bool = False, *, sample_ids: Sequence[str] | None = None,
-            seed: int | None = None, **params) -> Tensor | TokenScores:
+            seed: int | None = None, **params: Any) -> Tensor | TokenScores:
     """Explain image–text pairs with one method.
 
     Args:
-        model: A model from :func:`load_model`.
+        model: A model from [`load_model`][clip_xai.api.load_model].
         images: PIL images or image file paths (preprocessed as the datasets do), or a
             (B,3,H,W) float tensor with values in [0,1].
         texts: One caption per image.
@@ -319,7 +337,8 @@ def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], meth
         images and paths; a constant map is all zeros and is logged as a warning). With
         ``raw=True``: the method's map as it returns it, on the patch grid (B,h,w) or at the
         model's input size, not normalised.
-        For ``modality="text"``: a :class:`TokenScores` with each caption's tokens and their scores.
+        For ``modality="text"``: a [`TokenScores`][clip_xai.api.TokenScores] with each
+        caption's tokens and their scores.
 
     Raises:
         ClipXaiError: Unknown method (the options are listed) or setting, a modality the method
@@ -381,14 +400,15 @@ def _token_decoder(model: ClipAdapter):
     return lambda i: tok.decode([int(i)]).strip()
 
 
-def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind: str = "fgsm", eps: float | None = None,
+def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind: str = "fgsm",
+            eps: float | None = None,
             *, method: str = "eclip", sample_ids: Sequence[str] | None = None, seed: int | None = None,
-            **params) -> Tensor:
+            **params: Any) -> Tensor:
     """Perturb images as the sensitivity study does.
 
     Args:
-        model: A model from :func:`load_model`.
-        images: As in :func:`explain`.
+        model: A model from [`load_model`][clip_xai.api.load_model].
+        images: As in [`explain`][clip_xai.api.explain].
         texts: One caption per image (the attacks move the image–text similarity).
         kind: Any ``perturbation=`` option: ``fgsm``, ``pgd``, ``noise``, ``map_attack``.
         eps: The L∞ budget in [0,1] pixel units; None takes the yaml's (0.0314 ≈ 8/255, as the
@@ -420,17 +440,17 @@ def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind
 def sensitivity(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip",
                 eps: float | Sequence[float] | None = None, perturbation: str = "fgsm", *,
                 perturbation_params: dict | None = None, metrics_params: dict | None = None,
-                sample_ids: Sequence[str] | None = None, seed: int | None = None, **params) -> pd.DataFrame:
+                sample_ids: Sequence[str] | None = None, seed: int | None = None, **params: Any) -> pd.DataFrame:
     """Run the sensitivity study (clean map vs the map of the perturbed image) on these images.
 
     The study's own loop runs over the images, so the rows are the rows ``results.parquet`` of
-    ``python -m clip_xai study=sensitivity`` would hold (``dataset`` is ``memory``, sample ids are
-    ``sample_ids``, by default the positions ``"0"``, ``"1"``, ...). A list of ε runs one study per value; clean maps are
-    computed once and shared, as a command-line sweep does.
+    ``python -m clip_xai study=sensitivity`` would hold (``dataset`` is ``memory``; the sample ids
+    are ``sample_ids``, by default the positions ``"0"``, ``"1"``, ...). A list of ε runs one study
+    per value, and the clean maps are computed once for all of them, as a command-line sweep does.
 
     Args:
-        model: A model from :func:`load_model`.
-        images: As in :func:`explain`.
+        model: A model from [`load_model`][clip_xai.api.load_model].
+        images: As in [`explain`][clip_xai.api.explain].
         texts: One caption per image.
         method: Any ``explainer=`` option.
         eps: One budget or a list of them (``perturbation.eps``); None takes the yaml's
@@ -442,36 +462,38 @@ def sensitivity(model: ClipAdapter, images: Images, texts: str | Sequence[str], 
             image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
             sample id does on the command line; pass a run's ids to reproduce its seeded maps.
         seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
-        **params: The method's settings, as in :func:`explain`.
+        **params: The method's settings, as in [`explain`][clip_xai.api.explain].
 
     Returns:
         One row per (image, ε) with the columns of
-        :data:`clip_xai.schema.SENSITIVITY_COLUMNS`. ``df.attrs["summaries"]`` holds each run's
+        `clip_xai.schema.SENSITIVITY_COLUMNS`. ``df.attrs["summaries"]`` holds each run's
         ``summary.json`` (means, counts of flagged maps and NaN metrics).
 
     Raises:
-        ClipXaiError: As :func:`explain` and :func:`perturb`; also a text-modality method.
+        ClipXaiError: As [`explain`][clip_xai.api.explain] and [`perturb`][clip_xai.api.perturb];
+            also a text-modality method.
     """
     if "eps" in (perturbation_params or {}):
         raise ClipXaiError("perturbation_params holds 'eps'", "pass the budget as sensitivity(..., eps=...)")
     epsilons = list(eps) if isinstance(eps, (list, tuple)) else [eps]
     if not epsilons:
         raise ClipXaiError("eps is an empty list", "pass one budget or a list of them, e.g. eps=[4/255, 8/255]")
-    settings = {"explainer": params, "perturbation": dict(perturbation_params or {}), "metrics": dict(metrics_params or {})}
+    settings = {"explainer": params, "perturbation": dict(perturbation_params or {}),
+                "metrics": dict(metrics_params or {})}
     return _run_study(model, images, texts, "sensitivity", method, perturbation, settings, epsilons, sample_ids, seed)
 
 
 def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str], method: str = "eclip", *,
                  metrics_params: dict | None = None, sample_ids: Sequence[str] | None = None, seed: int | None = None,
-                 **params) -> pd.DataFrame:
-    """Run the faithfulness study (Confidence Drop/Increase for image and text maps, ROAD) on these images.
+                 **params: Any) -> pd.DataFrame:
+    """Run the faithfulness study (Confidence Drop/Increase of image and text maps, ROAD) on these images.
 
     Rows are those of ``python -m clip_xai study=faithfulness``'s ``results.parquet``
     (``dataset`` is ``memory``); a method with text maps is scored on both modalities.
 
     Args:
-        model: A model from :func:`load_model`.
-        images: As in :func:`explain`.
+        model: A model from [`load_model`][clip_xai.api.load_model].
+        images: As in [`explain`][clip_xai.api.explain].
         texts: One caption per image.
         method: Any ``explainer=`` option.
         metrics_params: Settings of the faithfulness metrics (``metrics.*``), e.g.
@@ -480,14 +502,14 @@ def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str],
             image's noise (RISE masks, bottleneck noise, noise controls, ROAD), as a dataset's
             sample id does on the command line; pass a run's ids to reproduce its seeded maps.
         seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
-        **params: The method's settings, as in :func:`explain`.
+        **params: The method's settings, as in [`explain`][clip_xai.api.explain].
 
     Returns:
-        One row per image with the columns of :data:`clip_xai.schema.FAITHFULNESS_COLUMNS`;
+        One row per image with the columns of `clip_xai.schema.FAITHFULNESS_COLUMNS`;
         ``df.attrs["summaries"]`` holds the run's ``summary.json``.
 
     Raises:
-        ClipXaiError: As :func:`explain`.
+        ClipXaiError: As [`explain`][clip_xai.api.explain].
     """
     settings = {"explainer": params, "metrics": dict(metrics_params or {})}
     return _run_study(model, images, texts, "faithfulness", method, None, settings, [None], sample_ids, seed)
@@ -542,27 +564,28 @@ def _run_study(model, images, texts, study_name: str, method: str, perturbation:
 
 
 def show(images: Images | None, maps: Tensor | TokenScores | dict, texts: Sequence[str] | None = None,
-         alpha: float = 0.5):
+         alpha: float = 0.5) -> Figure:
     """Draw maps over their images (token scores as a heat strip) in one matplotlib figure.
 
     Args:
-        images: The images the maps were made from, as given to :func:`explain`. PIL images
-            and paths are resized and centre-cropped to the maps' size as :func:`explain` did; a
-            tensor is resized to the maps' size. None draws the maps alone.
-        maps: Image maps (B,H,W) from :func:`explain`, a :class:`TokenScores`, or a dict of
-            either (title → maps) for one column per entry, e.g. one per method.
-        texts: Captions to print above each row (optional).
+        images: The images the maps were made from, as given to
+            [`explain`][clip_xai.api.explain]. PIL images and paths are resized and centre-cropped
+            to the maps' size as [`explain`][clip_xai.api.explain] did; a tensor is resized to the
+            maps' size. None draws the maps alone.
+        maps: Image maps (B,H,W) from [`explain`][clip_xai.api.explain], a
+            [`TokenScores`][clip_xai.api.TokenScores], or a dict of either (title → maps) for one
+            column per entry, e.g. one per method.
+        texts: Captions to print beside each row (optional).
         alpha: Weight of the heat map over the image.
 
     Returns:
-        A :class:`matplotlib.figure.Figure`, one row per image (not attached to pyplot: a
-        notebook displays it, ``fig.savefig(path)`` writes it).
+        A matplotlib figure with one row per image. It is not attached to pyplot; a notebook
+        displays it, and ``fig.savefig(path)`` writes it.
 
     Raises:
         ClipXaiError: Maps of the wrong type, or maps, images and texts that differ in number.
     """
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
     from clip_xai.overlay import overlay
 
@@ -603,7 +626,7 @@ def show(images: Images | None, maps: Tensor | TokenScores | dict, texts: Sequen
     is_text = [isinstance(m, TokenScores) for m in columns.values()]
     lead = items is not None and all(is_text)  # token strips only: the image in front of them
     ratios = [1.0] * lead + [2.0 if t else 1.0 for t in is_text]
-    fig = Figure(figsize=(2.2 * sum(ratios), 2.3 * n), dpi=80)
+    fig = _NotebookFigure(figsize=(2.2 * sum(ratios), 2.3 * n), dpi=80)
     axes = fig.subplots(n, len(ratios), squeeze=False, gridspec_kw={"width_ratios": ratios})
     jet = colormaps["jet"]
     for row in range(n):

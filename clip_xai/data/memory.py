@@ -23,7 +23,8 @@ class PixelDataset(ImageCaptionDataset):
     """
 
     def __init__(self, pixels: Tensor, captions: Sequence[str], sample_ids: Sequence[str] | None = None):
-        if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-1] != pixels.shape[-2]:
+        square = isinstance(pixels, Tensor) and pixels.dim() == 4 and pixels.shape[-1] == pixels.shape[-2]
+        if not square or pixels.shape[1] != 3:
             shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
             raise ClipXaiError(f"PixelDataset needs (N,3,S,S) pixels, got {shape}",
                                "resize the images to the model's square input size first")
