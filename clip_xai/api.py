@@ -397,7 +397,13 @@ def _token_decoder(model: ClipAdapter):
     if not callable(getattr(tok, "decode", None)):
         raise ClipXaiError(f"cannot turn token ids into strings for model {model.name} ({type(tok).__name__})",
                            "use modality=text with an open_clip or Hugging Face model")
-    return lambda i: tok.decode([int(i)]).strip()
+    pieces = getattr(tok, "convert_ids_to_tokens", None)
+
+    def decode(i: int) -> str:
+        text = tok.decode([int(i)]).strip()
+        return text if text or pieces is None else str(pieces(int(i)))  # a bare word-start piece: "▁"
+
+    return decode
 
 
 def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind: str = "fgsm",

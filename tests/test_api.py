@@ -213,6 +213,14 @@ def test_text_scores_are_tokens_with_their_scores(model, photos, pixels):
     assert raw_scores.raw and torch.equal(raw_scores.scores[0], raw[0, 1:6].float())
 
 
+def test_text_tokens_on_a_hugging_face_tokenizer(altclip_tiny, photos):
+    """AltCLIP (XLM-R pieces; the offline test tokenizer splits into characters): tokens spell the caption."""
+    images, texts = photos
+    scores = clip_xai.explain(altclip_tiny, images[:1], texts[:1], method="selfattn", modality="text")
+    assert "".join(scores.tokens[0]).replace("▁", " ").strip() == texts[0]
+    assert len(scores.scores[0]) == len(scores.tokens[0]) == len(scores.positions[0])
+
+
 def test_constant_maps_are_reported(model, photos, caplog):
     """eclip's text maps are all zero on two of these photos with the random tiny model: said, not hidden."""
     images, texts = photos
