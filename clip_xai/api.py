@@ -31,6 +31,7 @@ image is decoded or any model runs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -60,6 +61,7 @@ from clip_xai.explainers.postprocess import image_maps, text_maps
 from clip_xai.models.base import ClipAdapter
 from clip_xai.paths import CONF_DIR
 from clip_xai.schema import RESULTS_FILE
+from clip_xai.types import TextTokens
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,7 @@ class _Inputs:
     pixels: Tensor  # (B,3,S,S) on the model's device
     size: tuple[int, int]  # what image maps are returned at
     texts: list[str]
-    tokens: object  # TextTokens
+    tokens: TextTokens
     seeds: Tensor
     ids: list[str]
 
@@ -272,6 +274,24 @@ def _inputs(model: ClipAdapter, images, texts, seed: int, sample_ids: Sequence[s
     pixels, size = _to_model_size(model, items)
     seeds = torch.tensor([sample_seed(seed, sid) for sid in ids], dtype=torch.long)
     return _Inputs(pixels, size, texts, model.tokenize(texts), seeds, ids)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Torch's global generators seeded with ``seed``, as the entrypoint seeds them once per run (a
+    method that draws unseeded, e.g. RISE with ``mask_seed=null``, reads them). Inside a fork of
+    the generators, so the caller's random state is left as it was."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _run_scope(cfg: DictConfig, device: torch.device):
+    """Global seed and numerics (``precision``) of a command-line run, around one call's work."""
+    with _seeded(int(cfg.seed), device), precision_scope(device, resolve_precision(device, str(cfg.precision))):
+        yield
 
 
 def _build_explainer(cfg: DictConfig, model: ClipAdapter):
@@ -354,7 +374,7 @@ def explain(model: ClipAdapter, images: Images, texts: str | Sequence[str], meth
     cfg = _config({"explainer": method}, {"explainer": {**params, "modality": modality}}, seed)
     explainer = _build_explainer(cfg, model)
     inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
-    with precision_scope(model.device, resolve_precision(model.device, str(cfg.precision))):
+    with _run_scope(cfg, model.device):
         out = explainer(model, inp.pixels, inp.tokens, inp.seeds).float()
     if explainer.modality == "text":
         scores = out if raw else text_maps(out, inp.tokens.content_mask)
@@ -439,7 +459,7 @@ def perturb(model: ClipAdapter, images: Images, texts: str | Sequence[str], kind
     perturbation = build(cfg, "perturbation")
     perturbation.bind(_build_explainer(cfg, model), model)
     inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
-    with precision_scope(model.device, resolve_precision(model.device, str(cfg.precision))):
+    with _run_scope(cfg, model.device):
         return perturbation(model, inp.pixels, inp.tokens, inp.seeds).detach()
 
 
@@ -562,7 +582,8 @@ def _run_study(model, images, texts, study_name: str, method: str, perturbation:
             run_dir = Path(tmp) / f"run{i}"
             run_dir.mkdir()
             cache = CleanMapCache(Path(tmp) / "cache") if share else None  # per run: each summary counts its own hits
-            summaries.append(study.run(context(run_dir, dataset, pert, cache)))
+            with _seeded(int(cfg.seed), model.device):  # the study's loop sets the precision itself
+                summaries.append(study.run(context(run_dir, dataset, pert, cache)))
             frames.append(pd.read_parquet(run_dir / RESULTS_FILE))
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     df.attrs["summaries"] = summaries

@@ -189,6 +189,11 @@ def test_seed_and_sample_ids_seed_the_noise(model, photos, pixels):
     seeds = torch.tensor([sample_seed(0, "b"), sample_seed(0, "a")])
     noise = direct("perturbation", "noise", eps=0.05)
     assert torch.equal(swapped, noise(model, pixels[:2], model.tokenize(texts[:2]), seeds))
+    unseeded = dict(rise, mask_seed=None)  # masks from torch's global generator, seeded per call as per CLI run
+    state = torch.random.get_rng_state()
+    assert torch.equal(clip_xai.explain(model, images[:1], texts[:1], **unseeded),
+                       clip_xai.explain(model, images[:1], texts[:1], **unseeded))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left alone
     with pytest.raises(ClipXaiError, match="sample_ids must be 2 distinct ids"):
         clip_xai.explain(model, images[:2], texts[:2], sample_ids=["a", "a"])
     with pytest.raises(ClipXaiError, match="seed must be an integer"):
