@@ -64,7 +64,8 @@ class _LayerNormIdentity(Function):
     def forward(ctx, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 n_dims: int) -> Tensor:
         dims = tuple(range(-n_dims, 0))
-        sigma = (x.var(dim=dims, unbiased=False, keepdim=True) + eps).sqrt()
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision: σ in float32
+        sigma = (wide.var(dim=dims, unbiased=False, keepdim=True) + eps).sqrt().to(x.dtype)
         ctx.dims = dims
         ctx.save_for_backward(sigma, weight if weight is not None else torch.ones((), dtype=x.dtype, device=x.device))
         return y.clone()
