@@ -269,3 +269,14 @@ def test_entrypoint_sensitivity_and_faithfulness_both_modalities(tmp_path):
     assert sens["explainer"].eq("attnlrp").all() and sens["spearman"].notna().all() and sens["map_flag"].eq("").all()
     assert faith["modality"].eq("image+text").all()
     assert faith["conf_drop_image"].notna().all() and faith["conf_drop_text"].notna().all() and faith["road"].notna().all()
+
+
+def test_yaml_defaults_match_the_constructor():
+    from omegaconf import OmegaConf
+
+    from clip_xai.config import build
+    from clip_xai.paths import CONF_DIR
+
+    cfg = OmegaConf.create({"explainer": OmegaConf.load(f"{CONF_DIR}/explainer/attnlrp.yaml")})
+    built = build(cfg, "explainer")
+    assert type(built) is AttnLRP and built.config_key() == AttnLRP().config_key()
