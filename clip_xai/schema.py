@@ -16,7 +16,10 @@ EXAMPLES_FILE = "examples.npz"
 DONE_FILE = "DONE"
 
 # Identity columns present in every study's rows.
-ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", "modality", "study", "seed"]
+# ``precision``: the numerics the maps were computed in (fp32, tf32, bf16, fp16, fp8; ``reference``
+# and ``auto`` resolved), so a precision=auto sweep says per row what each method ran in.
+ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", "modality", "study", "seed",
+              "precision"]
 
 # Sensitivity rows: one per (sample, eps). Score directions: higher = more stable for all four
 # map metrics; sim_diff is the relative similarity change (s_pert - s_orig) / s_orig.
@@ -67,7 +70,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
-    "caption_flag": "", "perturbation_params": "",
+    "caption_flag": "", "perturbation_params": "", "precision": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
