@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -54,7 +55,9 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     preflight(str(cfg.dataset.name), cfg.dataset.get("root"))  # cheap root check; names `verify` if it looks wrong
     dataset = build(cfg, "dataset")
     study.check_data(dataset)
+    built = time.perf_counter()
     model = build(cfg, "model").to(device)
+    built = time.perf_counter() - built
     metrics = build(cfg, "metrics")
     explainer.check_requirements(model)  # one clear error naming what the model lacks, before any projection
     announce_if_long(cfg.explainer.name, dict(cfg.explainer), model, device, precision, len(dataset), study.name)
@@ -73,6 +76,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
                      on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")),
                      cache=cache_for(cfg, device, study.name))
+    ctx.phases.add("model_build", built)
     try:
         summary = study.run(ctx)
     finally:
