@@ -78,24 +78,25 @@ def _calls(model, fn_factory, px, seeds, tok, cache: str, n: int, device: torch.
     return lambda: next(thunks)()
 
 
-def flops_per_image(model, fn_factory, batch: int, device: torch.device, precision: str, cache: str) -> float:
+def flops_per_image(model, fn_factory, batch: int, device: torch.device, precision: str, cache: str,
+                    warmed: bool = False) -> float:
     """Model FLOPs per image of one call at ``batch`` with the caches as in the timed calls: ``warm``
-    after one call on the same captions (what every timed call after the warm-up sees), ``cold`` on
-    captions never seen. Forward and backward, counted on the actual call (:mod:`clip_xai.peaks`)."""
+    after a call on the same captions (what every timed call after the warm-up sees), ``cold`` on
+    captions never seen. ``warmed``: the instance has just been timed on these inputs, so the
+    warm-up call is not repeated. Forward and backward, counted on the actual call
+    (:mod:`clip_xai.peaks`)."""
     px, tok, seeds = _inputs(model, batch, device)
     with precision_scope(device, precision):
-        fn_factory(px, tok, seeds)()  # the warm-up: the state every timed call after it runs in
+        if not warmed:
+            fn_factory(px, tok, seeds)()  # the warm-up: the state every timed call after it runs in
         if cache == "cold":  # ... on captions it has never seen
             tok = _inputs(model, batch, device, unique=True)[1]
         return float(count_flops(fn_factory(px, tok, seeds))) / batch
 
 
-def cache_dependent(model, fn_factory, device: torch.device, precision: str) -> bool:
-    """Whether a call's work depends on captions seen before (a caption cache, e.g. surgery's
-    template embeddings): its FLOPs at batch 1 differ between seen and unseen captions."""
-    warm = flops_per_image(model, fn_factory, 1, device, precision, "warm")
-    cold = flops_per_image(model, fn_factory, 1, device, precision, "cold")
-    return abs(cold - warm) > 1e-3 * max(cold, warm, 1.0)
+def differs(a: float, b: float) -> bool:
+    """Whether two FLOP counts differ (a cache changed the work), beyond float rounding."""
+    return abs(a - b) > 1e-6 * max(abs(a), abs(b), 1.0)
 
 
 def measure(model, fn_factory, batch: int, device: torch.device, repeats: int, precision: str = "fp32",
@@ -275,32 +276,45 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
             pert.bind(build(_explainer_cfg(overrides, "gradcam", per_explainer), "explainer"), model)
             row = "map_attack (perturbation, gradcam)"
         jobs.append((row, pert, pert, True, scale, label))
-    for name in explainers:  # FLOPs are counted eagerly: a second instance with compilation off
+    for name in explainers:  # FLOPs are counted eagerly: a second instance where compilation is on
         ecfg = _explainer_cfg(overrides, name, per_explainer)
         over, scale, label = quick_overrides(ecfg, "explainer", divisor) if quick else ([], 1.0, "")
         fn = build(_explainer_cfg(overrides, name, per_explainer + over), "explainer")
+        compiled = ecfg.explainer.get("compile", False) in (True, "auto")
         eager = build(_explainer_cfg(overrides, name, per_explainer + over + ["explainer.compile=false"]), "explainer") \
-            if flops else fn
+            if compiled else fn
         jobs.append((name, fn, eager, False, scale, label))
     for name, fn, eager, is_step, scale, label in jobs:
         make = (lambda f: (lambda px, tok, s: (lambda: f(model, px, tok)))) if is_step else \
                (lambda f: (lambda px, tok, s: (lambda: f(model, px, tok, s))))
-        states = ["cold", "warm"] if cache_dependent(model, make(eager), device, precision) else ["-"]
+        dependent = None  # a caption cache? decided by counting at the first batch size
         for bs in batch_sizes:
-            for state in states:
-                rate, used, mem = measure(model, make(fn), bs, device, repeats, precision, cache=state)
-                row = {"explainer": name, "cache": state, "batch": used, "settings": label or "defaults",
-                       "images_per_s": rate, "images_per_s_at_defaults": rate * scale if rate else None,
-                       "peak_gib": mem}
+            rate, used, mem = measure(model, make(fn), bs, device, repeats, precision, cache="warm")
+            counted = {}
+            if rate:
+                counted["warm"] = flops_per_image(model, make(eager), used, device, precision, "warm",
+                                                  warmed=eager is fn)
+                if dependent is None or dependent:
+                    counted["cold"] = flops_per_image(model, make(eager), used, device, precision, "cold", warmed=True)
+                    dependent = differs(counted["cold"], counted["warm"])
+            measured = {"warm": (rate, used, mem)}
+            if dependent:
+                measured["cold"] = measure(model, make(fn), used, device, repeats, precision, cache="cold")
+            for state in (["cold", "warm"] if dependent else ["warm"]):
+                rate, used, mem = measured[state]
+                row = {"explainer": name, "cache": state if dependent else "-", "batch": used,
+                       "settings": label or "defaults", "images_per_s": rate,
+                       "images_per_s_at_defaults": rate * scale if rate else None, "peak_gib": mem}
                 if flops:
-                    gflop = flops_per_image(model, make(eager), used, device, precision, state) / 1e9 if rate else None
-                    achieved = gflop * rate / 1e3 if rate else None
+                    gflop = counted[state] / 1e9 if rate and state in counted else None
+                    achieved = gflop * rate / 1e3 if gflop and rate else None
                     row.update(gflop_per_image=gflop, tflops_per_s=achieved,
                                peak_share_pct=100 * achieved / peak if achieved and peak else None)
                 rows.append(row)
-                print(f"  {name:<20} {state:>4} batch {used:>3}: " + (f"{rate:9.2f} images/s" if rate else "out of memory")
+                print(f"  {name:<20} {row['cache']:>4} batch {used:>3}: "
+                      + (f"{rate:9.2f} images/s" if rate else "out of memory")
                       + (f", {row['gflop_per_image']:.3f} GFLOP/image, {row['tflops_per_s']:.4f} TFLOP/s"
-                         if flops and rate else ""), flush=True)
+                         if flops and row.get("gflop_per_image") else ""), flush=True)
     df = pd.DataFrame(rows)
     df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)")
     df.insert(1, "model", str(cfg.model.name) + (" (random weights)" if random_weights else ""))

@@ -97,7 +97,8 @@ def alternatives(knobs: dict, device: torch.device, samples: int) -> list[str]:
     if device.type == "cpu" and torch.cuda.is_available():
         out.append("device=cuda")
     if device.type == "cuda":
-        out.append("precision=bf16 (or reference = fp16; see `make bench` for their agreement with fp32)")
+        out.append("precision=auto (per method, the cheapest precision whose maps agree with fp32 in the bench's "
+                   "agreement table) or bf16 (or reference = fp16; see `make bench` for their agreement with fp32)")
     out.append("model=tiny (a random model: checks the pipeline in minutes, its maps mean nothing)")
     return out
 

@@ -80,8 +80,10 @@ def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
         assert {"device", "driver", "torch", "date"} <= set(df.columns), name
         assert "precision" in df.columns and len(df), name
     bench = pd.read_csv(out / "bench.csv")
-    assert set(bench.precision) == {"fp32", "bf16", "reference (fp32)"}
-    assert set(pd.read_csv(out / "refused.csv").precision) == {"tf32", "fp8"}
+    assert set(bench.precision) == {"fp32", "bf16"}
+    not_run = pd.read_csv(out / "refused.csv").set_index("precision").refused
+    assert set(not_run.index) == {"tf32", "reference", "fp8"} and "needs a CUDA device" in not_run["tf32"]
+    assert "FP8 tensor cores" in not_run["fp8"] and "rows are the fp32 rows" in not_run["reference"]
     assert (bench.peak_share_pct <= 100).all() and set(bench.cache) == {"-", "cold", "warm"}
     rise = pd.read_csv(out / "rise_compile.csv").set_index("what")
     assert rise.loc["compiled (eager)", "max_abs_diff"] < 1e-4  # the compiled path gives the eager maps
