@@ -3,7 +3,7 @@
 CUDA queues kernels asynchronously: a timer read right after a call measures the launch, not the
 work. Every timer here waits for the device before it starts and before it stops
 (:func:`sync`). Two summaries of repeated calls are offered: :func:`median_time` (typical cost,
-after one warm-up; the bench's rows) and :func:`best_time` (the fastest call, after optional
+after one untimed warm-up; the bench's rows) and :func:`best_time` (the fastest call, after optional
 warm-ups: the least disturbed measurement, for peaks and for side-by-side baselines).
 """
 from __future__ import annotations
@@ -32,12 +32,15 @@ def timed_call(fn: Callable[[], object], device: torch.device | str | None) -> f
 
 def median_time(fn: Callable[[], object], device: torch.device | str | None, repeats: int,
                 slow: float = 2.0) -> float:
-    """Seconds per call: median of ``repeats`` calls after one warm-up. A warm-up slower than
-    ``slow`` seconds is itself the measurement (one-off start-up costs are then negligible)."""
+    """Seconds per call: median of ``repeats`` timed calls after one untimed warm-up (so every timed
+    call runs with the caches and compiled graphs the warm-up left). When the first timed call is
+    slower than ``slow`` seconds it is the measurement (repeating it would only add minutes)."""
+    fn()
+    sync(device)
     first = timed_call(fn, device)
-    if first > slow or repeats < 1:
+    if first > slow or repeats <= 1:
         return first
-    times = sorted(timed_call(fn, device) for _ in range(repeats))
+    times = sorted([first] + [timed_call(fn, device) for _ in range(repeats - 1)])
     return times[len(times) // 2]
 
 

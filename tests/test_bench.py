@@ -1,6 +1,8 @@
 """The benchmark script's table, projection, honest FLOP rows and quick mode (no speed is asserted)."""
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
 import pytest
 import torch
@@ -70,9 +72,10 @@ def test_a_row_above_the_peak_is_an_error():
         bench.check_peak_shares(bad)
 
 
-def test_caption_cache_gets_cold_and_warm_rows_with_the_flops_of_their_calls(tmp_path):
+def test_caption_cache_gets_cold_and_warm_rows_with_the_flops_of_their_calls(tmp_path, monkeypatch):
     """surgery caches caption-template embeddings: the cold row (unique captions) carries exactly the
     FLOPs of encoding one caption's templates more per image than the warm row; no row tops the peak."""
+    monkeypatch.setattr(bench, "_caption_ids", itertools.count(1000))  # suffixes 1000, 1001, ...: one token each
     df = bench.run_bench("tiny", "cpu", [2], ["surgery", "gradcam"], repeats=1, out=tmp_path, agreement=0,
                          perturbations=())
     rows = {(r.explainer, r.cache): r for r in df.itertuples()}
@@ -82,6 +85,7 @@ def test_caption_cache_gets_cold_and_warm_rows_with_the_flops_of_their_calls(tmp
 
     model = build(bench.compose(["model=tiny"]), "model")
     surgery = build(bench._explainer_cfg(["model=tiny"], "surgery", []), "explainer")
-    one_caption = count_flops(lambda: surgery.ensemble_embeddings(model, ["a photo of a cat 12345"]))
+    _, tok, _ = bench._inputs(model, 2, torch.device("cpu"))
+    per_caption = [count_flops(lambda c=c: surgery.ensemble_embeddings(model, [f"{c} 1234"])) for c in tok.texts]
     extra = (rows[("surgery", "cold")].gflop_per_image - rows[("surgery", "warm")].gflop_per_image) * 1e9
-    assert extra == pytest.approx(one_caption, rel=0.02)  # caption lengths differ by a digit or two
+    assert extra == pytest.approx(sum(per_caption) / 2, rel=1e-6)
