@@ -62,8 +62,8 @@ MAP_PHASES = ("clean_maps", "perturbed_maps")  # scale with the explainer's rate
 class Sizes:
     """What each step runs: the real check's sizes, or the dry run's tiny ones."""
 
-    def __init__(self, dry: bool):
-        self.dry = dry
+    def __init__(self, dry: bool, limit_scale: float = 1.0):
+        self.dry, self.limit_scale = dry, limit_scale
         self.model = "tiny" if dry else "vit_b16"
         self.large = ["model=tiny"] if dry else ["model=open_clip", "model.arch=ViT-L-14-quickgelu"]  # random weights
         self.large_label = "tiny (dry run: stands in for ViT-L/14)" if dry else "ViT-L/14 (random weights)"
@@ -123,7 +123,7 @@ def step_cuda_tests(out: Path, sizes: Sizes) -> None:
     import re
 
     repo = Path(__file__).resolve().parents[1]
-    limit = STEPS["cuda_tests"][1 if sizes.dry else 0] - 8
+    limit = int(STEPS["cuda_tests"][1 if sizes.dry else 0] * sizes.limit_scale) - 8
     args = [sys.executable, "-m", "pytest", str(repo / "tests" / "test_cuda.py"), "-v", "-p", "no:cacheprovider"]
     try:
         res = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=max(1, limit))
@@ -392,12 +392,13 @@ STEP_FUNCTIONS = {"cuda_tests": step_cuda_tests, "bench": step_bench, "rise_comp
                   "rows": step_rows, "sweep": step_sweep}
 
 
-def run_step(name: str, out: Path, dry: bool) -> dict:
-    """Run one step in a child process with its time limit; its status row."""
-    limit = STEPS[name][1 if dry else 0]
+def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
+    """Run one step in a child process with its time limit (times ``limit_scale``); its status row."""
+    limit = int(STEPS[name][1 if dry else 0] * limit_scale)
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "clip_xai.gpu_check", "--step", name, "--out", str(out)] + (["--dry"] if dry else [])
+    args = [sys.executable, "-m", "clip_xai.gpu_check", "--step", name, "--out", str(out),
+            f"--limit-scale={limit_scale}"] + (["--dry"] if dry else [])
     start = time.perf_counter()
     with log.open("w") as f:
         try:
@@ -479,12 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", choices=list(STEP_FUNCTIONS), help="run one step in this process (used by the check itself)")
     p.add_argument("--steps", nargs="+", choices=list(STEP_FUNCTIONS), default=list(STEP_FUNCTIONS),
                    help="which steps to run (default: all)")
+    p.add_argument("--limit-scale", type=float, default=1.0,
+                   help="multiply every step's time limit (a slow or shared machine; the dry run's test uses 3)")
     a = p.parse_args(argv)
     if not a.dry and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); `make gpu-check DRY=1` runs the dry check on the CPU",
               file=sys.stderr)
         return 2
-    sizes = Sizes(a.dry)
+    sizes = Sizes(a.dry, a.limit_scale)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.step:
         if a.dry:  # a proof of the code paths, not a measurement: one thread, no contention with itself
@@ -494,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     statuses = []
     for name in a.steps:
-        statuses.append(run_step(name, a.out, a.dry))
+        statuses.append(run_step(name, a.out, a.dry, a.limit_scale))
         pd.DataFrame(statuses).to_csv(a.out / "steps.csv", index=False)
     prov = provenance(_device(sizes))
     stamp(pd.DataFrame(statuses), prov, "per step").to_csv(a.out / "steps.csv", index=False)
