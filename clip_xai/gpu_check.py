@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -400,11 +401,14 @@ def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
     args = [sys.executable, "-m", "clip_xai.gpu_check", "--step", name, "--out", str(out),
             f"--limit-scale={limit_scale}"] + (["--dry"] if dry else [])
     start = time.perf_counter()
-    with log.open("w") as f:
+    with log.open("w") as f:  # its own process group, so a timeout also ends what the step started
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
+            rc = proc.wait(timeout=limit)
             status = "ok" if rc == 0 else f"failed (exit {rc})"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             status = f"timed out after {limit} s"
     wall = time.perf_counter() - start
     note = ""
