@@ -125,7 +125,7 @@ def step_cuda_tests(out: Path, sizes: Sizes) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     limit = int(STEPS["cuda_tests"][1 if sizes.dry else 0] * sizes.limit_scale) - 8
-    args = [sys.executable, "-m", "pytest", str(repo / "tests" / "test_cuda.py"), "-v", "-p", "no:cacheprovider"]
+    args = [sys.executable, "-m", "pytest", str(repo / "tests" / "test_cuda.py"), "-vv", "-p", "no:cacheprovider"]
     try:
         res = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=max(1, limit))
         text, timed_out, rc = res.stdout, False, res.returncode

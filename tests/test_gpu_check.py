@@ -95,10 +95,29 @@ def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
     assert "DRY RUN" in report and "## 5. Thesis sweep" in report and "not written" not in report
 
     doc = tmp_path / "performance.md"
-    doc.write_text(f"# Performance\n\nintro\n\n{perf_tables.BEGIN}\nold\n{perf_tables.END}\n\nafter\n")
-    assert perf_tables.main([str(out), "--doc", str(doc)]) == 0
+    assert perf_tables.main([str(out), "--doc", str(doc)]) == 0 and "Projected full thesis sweep" in doc.read_text()
+
+DRY_CSVS = REPO / "tests" / "data" / "gpu_check_dry"  # a dry run's CSVs (CPU, tiny model, 2026-12-06)
+
+
+def test_doc_tables_from_the_dry_run_csvs(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nintro\n\n{perf_tables.BEGIN}\nSTALE TABLE\n{perf_tables.END}\n\nafter\n")
+    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0
     text = doc.read_text()
-    assert "old" not in text and text.startswith("# Performance\n\nintro") and text.endswith("after\n")
+    assert "STALE TABLE" not in text and text.startswith("# Performance\n\nintro") and text.endswith("after\n")
     between = text.split(perf_tables.BEGIN)[1].split(perf_tables.END)[0]
-    assert "DRY RUN" in between and "| explainer" in between and "Projected full thesis sweep" in between
-    assert perf_tables.main([str(out), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
+    bench = pd.read_csv(DRY_CSVS / "bench.csv")
+    rise_fp32 = bench[(bench.explainer == "rise") & (bench.precision == "fp32")].images_per_s_at_defaults.max()
+    row = next(ln for ln in between.splitlines() if ln.startswith("| rise "))
+    assert f"{rise_fp32:.4g}" in row  # the rate table holds the CSV's number at the defaults
+    for title in ("Images/s per method and precision", "cold (unique captions) and warm rows", "Map agreement",
+                  "RISE compiled vs eager", "PGD, map-attack", "Projected full thesis sweep"):
+        assert title in between, title
+    assert "DRY RUN" in between and "torch 2.14.1" in between and "driver none" in between
+    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
+    bare = tmp_path / "bare.md"
+    bare.write_text("# Performance\n")
+    assert perf_tables.main([str(DRY_CSVS), "--doc", str(bare)]) == 0
+    assert bare.read_text().count(perf_tables.BEGIN) == 1 and "## Measured by the GPU check" in bare.read_text()
+    assert perf_tables.main([str(tmp_path / "nothing"), "--doc", str(bare)]) == 2
