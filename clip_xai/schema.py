@@ -16,10 +16,12 @@ EXAMPLES_FILE = "examples.npz"
 DONE_FILE = "DONE"
 
 # Identity columns present in every study's rows.
-# ``precision``: the numerics the maps were computed in (fp32, tf32, bf16, fp16, fp8; ``reference``
-# and ``auto`` resolved), so a precision=auto sweep says per row what each method ran in.
-ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", "modality", "study", "seed",
-              "precision"]
+ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", "modality", "study", "seed"]
+
+# Columns the study loop adds to every study's rows (after its own): ``precision`` is the numerics
+# the maps were computed in (fp32, tf32, bf16, fp16, fp8; ``reference`` and ``auto`` resolved), so a
+# precision=auto sweep says per row what each method ran in. Older results lack them (OPTIONAL_COLUMNS).
+RUN_COLUMNS = ["precision"]
 
 # Sensitivity rows: one per (sample, eps). Score directions: higher = more stable for all four
 # map metrics; sim_diff is the relative similarity change (s_pert - s_orig) / s_orig.

@@ -21,7 +21,7 @@ from clip_xai.progress import Job
 from clip_xai.data import make_loader
 from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
-from clip_xai.schema import EXAMPLES_FILE
+from clip_xai.schema import EXAMPLES_FILE, RUN_COLUMNS
 from clip_xai.sinks.results import ResultsWriter
 from clip_xai.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens
@@ -123,7 +123,7 @@ class Study:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         self.check(ctx)
-        writer = ResultsWriter(ctx.run_dir, self.columns)
+        writer = ResultsWriter(ctx.run_dir, self.columns + [c for c in RUN_COLUMNS if c not in self.columns])
         done = writer.done_ids()
         ids = ctx.dataset.sample_ids
         todo = [i for i, sid in enumerate(ids) if sid not in done]
