@@ -9,7 +9,7 @@ MODEL ?= vit_b16
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: install run test test-fast smoke bench report docs clean
+.PHONY: install run test test-fast smoke bench gpu-check report docs clean
 
 install: $(STAMP)
 
@@ -32,9 +32,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -m "not slow"
 
-# e.g. make bench BENCH_ARGS="--precision bf16 --batch-sizes 1 16 64"
+# The quick bench by default (masks and steps reduced, rates scaled back and labelled; about 3 min
+# on a 2-core CPU); `make bench FULL=1` runs the yaml defaults. e.g. BENCH_ARGS="--precision bf16"
 bench: $(STAMP)
-	$(BIN)/python -m clip_xai.bench $(BENCH_ARGS)
+	$(BIN)/python -m clip_xai.bench $(if $(FULL),--full) $(BENCH_ARGS)
+
+# The prepared GPU check (about 8 min on one H100): CUDA tests, bench per precision with the map
+# agreement, RISE compiled vs eager, PGD/map-attack/ViT-L rows, a short thesis sweep with its
+# projection; report + CSVs in outputs/gpu-check/. Without a GPU it stops (exit 2);
+# `make gpu-check DRY=1` runs every step on the tiny model on the CPU. Then
+# `python -m clip_xai.perf_tables` writes the tables into docs/performance.md.
+gpu-check: $(STAMP)
+	$(BIN)/python -m clip_xai.gpu_check $(if $(DRY),--dry)
 
 report: $(STAMP)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)

@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -35,7 +36,10 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.cache import cache_for
 
     device = pick_device(str(cfg.device), job_num)
-    precision = resolve_precision(device, str(cfg.precision), announce=True)  # before anything is written
+    precision = resolve_precision(device, str(cfg.precision), announce=True, method=str(cfg.explainer.name),
+                                  model=str(cfg.model.name), table_dir=Path(cfg.output_root) / "precision")
+    if str(cfg.precision) == "auto":  # config.yaml, the clean-map cache key and every row say what ran
+        cfg.precision = precision
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -51,12 +55,15 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     preflight(str(cfg.dataset.name), cfg.dataset.get("root"))  # cheap root check; names `verify` if it looks wrong
     dataset = build(cfg, "dataset")
     study.check_data(dataset)
+    built = time.perf_counter()
     model = build(cfg, "model").to(device)
+    built = time.perf_counter() - built
     metrics = build(cfg, "metrics")
     explainer.check_requirements(model)  # one clear error naming what the model lacks, before any projection
     announce_if_long(cfg.explainer.name, dict(cfg.explainer), model, device, precision, len(dataset), study.name)
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
-           "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed)}
+           "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed),
+           "precision": precision}
     sink = None
     if cfg.logger.name == "wandb":
         sink = WandbSink(run_dir, resolved, group=group, job_type=study.name,
@@ -69,6 +76,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
                      save_examples=int(cfg.save_examples), perturbation=perturbation, sink=sink,
                      on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")),
                      cache=cache_for(cfg, device, study.name))
+    ctx.phases.add("model_build", built)
     try:
         summary = study.run(ctx)
     finally:

@@ -16,11 +16,11 @@ implementation of the reference would do. None of them is the reference's code.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from clip_xai.timing import best_time
 
 PLAIN_RISE_BATCH = 50
 
@@ -54,20 +54,6 @@ def plain_rise(model, pixels: torch.Tensor, text: torch.Tensor, n_masks: int, s:
     return (torch.cat(scores) @ masks.view(n_masks, -1)).view(size, size) / (n_masks * p1)
 
 
-def _best_of(fn, device: torch.device, repeats: int) -> float:
-    """Fastest of ``repeats`` calls, each waited for on the device (CUDA queues work asynchronously)."""
-    from clip_xai.bench import _sync
-
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def time_rise(device: torch.device, n_masks: int, repeats: int) -> dict:
     """Seconds per image: clip_xai RISE vs the plain 50-mask loop, ViT-B/16 with random weights."""
     from clip_xai.explainers.rise import RISE
@@ -79,8 +65,8 @@ def time_rise(device: torch.device, n_masks: int, repeats: int) -> dict:
     text = model.encode_text(tokens)
     ours = RISE(n_masks=n_masks, compile=False)
     chunk = ours.chunk_size(model, device)
-    t_ours = _best_of(lambda: ours(model, pixels, tokens), device, repeats)
-    t_plain = _best_of(lambda: plain_rise(model, pixels, text, n_masks), device, repeats)
+    t_ours = best_time(lambda: ours(model, pixels, tokens), device, repeats)
+    t_plain = best_time(lambda: plain_rise(model, pixels, text, n_masks), device, repeats)
     return {"masks": n_masks, "chunk": chunk, "ours_s": t_ours, "plain_s": t_plain}
 
 
@@ -115,7 +101,7 @@ def time_metrics(device: torch.device, pairs: int, repeats: int) -> dict:
         return rho.cpu().numpy(), ss.cpu().numpy()
 
     (r_plain, s_plain), (r_ours, s_ours) = plain(), ours()
-    t_ours, t_plain = _best_of(ours, device, repeats), _best_of(plain, device, repeats)
+    t_ours, t_plain = best_time(ours, device, repeats), best_time(plain, device, repeats)
     return {"pairs": pairs, "ours_ms": 1e3 * t_ours / pairs, "plain_ms": 1e3 * t_plain / pairs,
             "max_diff": float(max(np.abs(r_plain - r_ours).max(), np.abs(s_plain - s_ours).max()))}
 

@@ -79,7 +79,7 @@ def pick_device(spec: str, job_num: int | None = None) -> torch.device:
         raise ClipXaiError(f"device={spec!r} is not a device name", "use device=auto, cpu, cuda or cuda:N") from err
 
 
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 # ``precision=reference``: what the reference code ran. On CUDA, OpenAI's ``clip.load`` converts the
 # weights to fp16 and Grad-ECLIP's generate_emap casts the inputs with ``.half()``; here that is fp16
 # autocast (the same fp16-rounded weights and matmuls; layer norms and softmax in fp32, as OpenAI's
@@ -87,9 +87,23 @@ PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.
 REFERENCE_PRECISION = {"cuda": "fp16"}
 
 
-def resolve_precision(device: torch.device, precision: str, announce: bool = False) -> str:
+def resolve_precision(device: torch.device, precision: str, announce: bool = False, method: str | None = None,
+                      model: str | None = None, table_dir: str | Path | None = None) -> str:
     """The precision a run uses: ``reference`` becomes fp16 on CUDA and strict fp32 elsewhere (with a
-    visible note when ``announce``); other values are checked and returned unchanged."""
+    visible note when ``announce``); ``auto`` becomes the precision that the bench's agreement table
+    for (``model``, this device) chose for ``method`` (:mod:`clip_xai.precision_table`; strict fp32
+    without a table); other values are checked and returned unchanged."""
+    if precision == "auto":
+        from clip_xai.precision_table import DEFAULT_DIR, lookup
+
+        if method is None or model is None:
+            raise ClipXaiError("precision=auto needs the method and the model to look up",
+                               "pass method= and model= to resolve_precision (the entrypoint does)")
+        chosen, basis = lookup(table_dir or DEFAULT_DIR, model, device, method)
+        check_precision(device, chosen)
+        if announce:
+            log.info("precision=auto -> %s for %s on %s (%s)", chosen, method, model, basis)
+        return chosen
     if precision != "reference":
         check_precision(device, precision)
         return precision
@@ -102,12 +116,17 @@ def resolve_precision(device: torch.device, precision: str, announce: bool = Fal
 
 def check_precision(device: torch.device, precision: str) -> None:
     """One clear error for a precision that is unknown or that this device cannot run."""
-    if precision == "reference":
-        return  # always runnable: fp16 on CUDA, fp32 elsewhere (resolve_precision)
+    if precision in ("reference", "auto"):
+        return  # always runnable: fp16 on CUDA, fp32 elsewhere; auto picks from a table of this device
     if precision not in PRECISIONS:
-        raise ClipXaiError(f"precision={precision!r} is not known", "use precision=fp32, tf32, bf16, fp16 or reference")
+        raise ClipXaiError(f"precision={precision!r} is not known",
+                           "use precision=fp32, tf32, bf16, fp16, fp8, reference or auto")
     if precision in ("fp16", "tf32") and device.type != "cuda":
         raise ClipXaiError(f"precision={precision} needs a CUDA device", "use precision=fp32 or bf16 on CPU")
+    if precision == "fp8":
+        from clip_xai.fp8 import check_fp8
+
+        check_fp8(device)
 
 
 @contextlib.contextmanager
@@ -117,15 +136,24 @@ def precision_scope(device: torch.device, precision: str):
     fp32: strict float32 (TF32 tensor-core maths off for matmuls and cuDNN convs, although PyTorch
     allows it for convs by default). tf32: float32 tensors, matmuls/convs on TF32 tensor cores
     (10-bit mantissa inputs, float32 accumulation). bf16/fp16: autocast, float32 outside it.
-    reference: see :func:`resolve_precision`.
+    fp8: bf16 autocast, and the no-grad linears in float8 (:mod:`clip_xai.fp8`).
+    reference: see :func:`resolve_precision`. ``auto`` must be resolved before (it needs the method).
     """
+    if precision == "auto":
+        raise ClipXaiError("precision=auto must be resolved per method before the work starts",
+                           "call resolve_precision(device, 'auto', method=..., model=...) first")
     precision = resolve_precision(device, precision)
     dtype = PRECISIONS[precision]
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype is not None))
+            if precision == "fp8":
+                from clip_xai.fp8 import Fp8Linears
+
+                stack.enter_context(Fp8Linears(device.type))
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -16,11 +16,12 @@ On a CPU there is no datasheet to trust, so :func:`cpu_matmul_peak` measures a l
 from __future__ import annotations
 
 import re
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+
+from clip_xai.timing import best_time
 
 aten = torch.ops.aten
 
@@ -104,12 +105,7 @@ def cpu_matmul_peak(precision: str = "fp32", n: int = 1024, repeats: int = 5) ->
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
+    best = best_time(lambda: a @ b, None, repeats, warmup=1)
     return 2 * n**3 / best / 1e12
 
 

@@ -42,33 +42,41 @@ MEASURED = {
 MEASURED_AT = {"n_masks": 2000, "steps": 10}  # the cost knobs' values when the rates were measured
 
 
+def vit_forward_flops(n_layers: int, tokens: int, width: int) -> float:
+    """FLOPs of one image forward through ``n_layers`` transformer blocks: per block 24·N·D²
+    (q/k/v, output and the 4x MLP) + 4·N²·D (attention), for N tokens of width D."""
+    return n_layers * (24 * tokens * width * width + 4 * tokens * tokens * width)
+
+
 def forward_flops(model) -> float:
-    """FLOPs of one image forward from the vision tower's size: per block 24·N·D² (q/k/v, output and
-    the 4x MLP) + 4·N²·D (attention), for N tokens of width D."""
+    """:func:`vit_forward_flops` of ``model``'s vision tower."""
     tower = model.vision
-    n, d = model.n_prefix + model.grid[0] * model.grid[1], tower.width
-    return tower.n_layers * (24 * n * d * d + 4 * n * n * d)
+    return vit_forward_flops(tower.n_layers, model.n_prefix + model.grid[0] * model.grid[1], tower.width)
 
 
-def _tiny_flops() -> float:
-    """The tiny model's forward FLOPs (12 blocks, width 64, 197 tokens), the CPU rates' model."""
-    return 12 * (24 * 197 * 64 * 64 + 4 * 197 * 197 * 64)
+# The models the rates were measured on: tiny (12 blocks, width 64) and ViT-B/16 (12, 768), 197 tokens.
+REFERENCE_FLOPS = {"cpu": vit_forward_flops(12, 197, 64), "cuda": vit_forward_flops(12, 197, 768)}
 
 
-def _vit_b16_flops() -> float:
-    return 12 * (24 * 197 * 768 * 768 + 4 * 197 * 197 * 768)
+def rate_key(device: torch.device, precision: str) -> tuple[str, str] | None:
+    """The measured rate table for ``precision`` on ``device``: fp16 and fp8 use the bf16 rates on
+    CUDA (fp16 runs at bf16's speed; fp8 was not measured yet, so bf16 is its conservative
+    estimate); a CPU precision that was not benched uses fp32's. None when nothing applies."""
+    key = (device.type, "bf16" if precision in ("fp16", "bf16", "fp8") and device.type == "cuda" else precision)
+    if key not in MEASURED and device.type == "cpu":
+        key = ("cpu", "fp32")
+    return key if key in MEASURED else None
 
 
 def project_seconds(method: str, knobs: dict, model, device: torch.device, precision: str, samples: int,
                     maps_per_sample: int, steps_per_sample: int) -> tuple[float, str] | None:
-    """(seconds, what the rate is based on) for ``samples`` samples, or None when nothing was measured."""
-    key = (device.type, "bf16" if precision in ("fp16", "bf16") and device.type == "cuda" else precision)
-    if key not in MEASURED and device.type == "cpu":
-        key = ("cpu", "fp32")  # bf16 on a CPU was not benched: use fp32 as the estimate
-    if key not in MEASURED or method not in MEASURED[key][1]:
+    """(seconds, what the rate is based on) for ``samples`` samples, or None when nothing was measured.
+    ``precision`` is the one the run uses (``precision=auto`` already resolved for the method)."""
+    key = rate_key(device, precision)
+    if key is None or method not in MEASURED[key][1]:
         return None
     basis, rates = MEASURED[key]
-    ref_flops = _tiny_flops() if device.type == "cpu" else _vit_b16_flops()
+    ref_flops = REFERENCE_FLOPS[device.type]
     scale = forward_flops(model) / ref_flops
     for knob, measured_at in MEASURED_AT.items():
         if knob in knobs:
@@ -89,7 +97,8 @@ def alternatives(knobs: dict, device: torch.device, samples: int) -> list[str]:
     if device.type == "cpu" and torch.cuda.is_available():
         out.append("device=cuda")
     if device.type == "cuda":
-        out.append("precision=bf16 (or reference = fp16; see `make bench` for their agreement with fp32)")
+        out.append("precision=auto (per method, the cheapest precision whose maps agree with fp32 in the bench's "
+                   "agreement table) or bf16 (or reference = fp16; see `make bench` for their agreement with fp32)")
     out.append("model=tiny (a random model: checks the pipeline in minutes, its maps mean nothing)")
     return out
 

@@ -18,6 +18,11 @@ DONE_FILE = "DONE"
 # Identity columns present in every study's rows.
 ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", "modality", "study", "seed"]
 
+# Columns the study loop adds to every study's rows (after its own): ``precision`` is the numerics
+# the maps were computed in (fp32, tf32, bf16, fp16, fp8; ``reference`` and ``auto`` resolved), so a
+# precision=auto sweep says per row what each method ran in. Older results lack them (OPTIONAL_COLUMNS).
+RUN_COLUMNS = ["precision"]
+
 # Sensitivity rows: one per (sample, eps). Score directions: higher = more stable for all four
 # map metrics; sim_diff is the relative similarity change (s_pert - s_orig) / s_orig.
 # What the perturbation did: perturbation (its label: fgsm, pgd, noise_sign, noise_gaussian,
@@ -67,7 +72,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
-    "caption_flag": "", "perturbation_params": "",
+    "caption_flag": "", "perturbation_params": "", "precision": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},

@@ -91,7 +91,7 @@ def test_precision_checks_and_scope_restores_flags():
     from clip_xai.config import check_precision, precision_scope
 
     cpu = torch.device("cpu")
-    for bad, msg in (("fp8", "not known"), ("tf32", "needs a CUDA"), ("fp16", "needs a CUDA")):
+    for bad, msg in (("fp4", "not known"), ("fp8", "FP8 tensor cores"), ("tf32", "needs a CUDA"), ("fp16", "needs a CUDA")):
         with pytest.raises(ClipXaiError, match=msg):
             check_precision(cpu, bad)
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

@@ -90,6 +90,31 @@ def test_precision_scope_sets_and_restores_tf32():
     assert flags() == before
 
 
+def test_fp8_on_cuda_matches_its_emulation_and_keeps_the_embedding(models, sample_images):
+    """precision=fp8 where the GPU has FP8 tensor cores (Ada/Hopper); refused elsewhere."""
+    from clip_xai.fp8 import Fp8Linears, dequantise, emulated_linear, fp8_linear, fp8_refusal, quantise
+
+    reason = fp8_refusal(CUDA)
+    if reason is not None:
+        with pytest.raises(ClipXaiError, match="fp8"):
+            precision_scope(CUDA, "fp8").__enter__()
+        pytest.skip(reason)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, w = torch.randn(64, 64, device=CUDA, generator=gen), torch.randn(128, 64, device=CUDA, generator=gen)
+    kernel, emulated = fp8_linear(x, w).float(), emulated_linear(x, w)
+    terms = dequantise(*quantise(x)).abs() @ dequantise(*quantise(w)).abs().t()
+    assert (kernel - emulated).abs().le(2**-7 * terms).all()
+    _, gpu = models["tiny"]
+    px, _, _ = _inputs(gpu, sample_images, 4)
+    mode = Fp8Linears("cuda")
+    with torch.no_grad():
+        ref = gpu.encode_image(px).float()
+        with precision_scope(CUDA, "bf16"), mode:
+            out = gpu.encode_image(px).float()
+    assert mode.routed == 4 * gpu.vision.n_layers and mode.fallbacks == 0
+    assert torch.nn.functional.cosine_similarity(ref, out).min() > 0.99
+
+
 def test_road_cg_on_cuda_matches_direct_on_cpu():
     from clip_xai.metrics.faithfulness.road import impute
 

@@ -21,8 +21,9 @@ from clip_xai.progress import Job
 from clip_xai.data import make_loader
 from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
-from clip_xai.schema import EXAMPLES_FILE
+from clip_xai.schema import EXAMPLES_FILE, RUN_COLUMNS
 from clip_xai.sinks.results import ResultsWriter
+from clip_xai.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,14 @@ class RunContext:
     on_long_caption: str = "skip"  # skip | truncate | error (clip_xai.data.captions)
     stats: dict = field(default_factory=lambda: {"oom_splits": 0})
     examples_left: int = field(init=False)  # examples.npz slots still open; studies skip the rest
+    # seconds per phase (summary.json run.phases): the loop times data, writing and the study's
+    # process call; a study names its own phases inside (sensitivity: clean_maps, perturbation, ...)
+    # and what it leaves unnamed is "other"; the entrypoint adds model_build
+    phases: PhaseTimer = field(init=False)
 
     def __post_init__(self):
         self.examples_left = self.save_examples
+        self.phases = PhaseTimer(self.device)
 
 
 @dataclass
@@ -117,7 +123,7 @@ class Study:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         self.check(ctx)
-        writer = ResultsWriter(ctx.run_dir, self.columns)
+        writer = ResultsWriter(ctx.run_dir, self.columns + [c for c in RUN_COLUMNS if c not in self.columns])
         done = writer.done_ids()
         ids = ctx.dataset.sample_ids
         todo = [i for i, sid in enumerate(ids) if sid not in done]
@@ -129,7 +135,13 @@ class Study:
         examples: dict[str, list] = {}
         start = time.perf_counter()
         with Job(len(todo), f"{ctx.ids['explainer']}") as progress:  # closed on error too; tasks print its ETA
-            for batch, _, skipped in loader:
+            batches = iter(loader)
+            while True:
+                with ctx.phases.phase("data"):
+                    got = next(batches, None)
+                if got is None:
+                    break
+                batch, _, skipped = got
                 rows = [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, "bad_image") for sid in skipped]
                 fitted = fit_captions(ctx.model, batch, ctx.on_long_caption) if len(batch) else None
                 if fitted is not None:
@@ -137,13 +149,17 @@ class Study:
                     rows += [self.empty_row(ctx, sid, records[sid].caption, records[sid].label, TOO_LONG)
                              for sid in fitted.too_long]
                 if len(batch):
+                    named = sum(ctx.phases.seconds.values())
+                    start_process = time.perf_counter()
                     new_rows, ex = self._process_with_backoff(ctx, self._prepare(ctx, batch))
+                    ctx.phases.add("other", time.perf_counter() - start_process - (sum(ctx.phases.seconds.values()) - named))
                     rows += new_rows
                     self._collect_examples(examples, ex, ctx.save_examples)
                     ctx.examples_left = ctx.save_examples - sum(len(v) for v in examples.get("sample_id", []))
                 for row in rows:
                     row["caption_flag"] = TRUNCATED if fitted is not None and row["sample_id"] in fitted.truncated else ""
-                writer.append(rows)
+                with ctx.phases.phase("writing"):
+                    writer.append(rows)
                 progress.update(len(batch) + len(skipped) + (len(fitted.too_long) if fitted is not None else 0))
         elapsed = time.perf_counter() - start
         if examples and not (ctx.run_dir / EXAMPLES_FILE).exists():
@@ -154,7 +170,7 @@ class Study:
             "run": {"resumed_rows": writer.resumed_rows, "new_rows": processed, "seconds": round(elapsed, 3),
                     "images_per_s": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
                     "device": str(ctx.device), "batch_size": ctx.batch_size, "precision": ctx.precision,
-                    "oom_splits": ctx.stats["oom_splits"],
+                    "oom_splits": ctx.stats["oom_splits"], "phases": ctx.phases.rounded(),
                     "wandb_errors": getattr(ctx.sink, "errors", 0)},
             **self.extra_summary(ctx),
         }

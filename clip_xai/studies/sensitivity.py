@@ -57,20 +57,24 @@ class SensitivityStudy(Study):
                                "use explainer.modality=image, or study=faithfulness for text maps")
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
-        model, explainer = ctx.model, ctx.explainer
-        clean_raw = clean_maps(ctx, prep)
-        perturbed, linf = perturb_batch(ctx, prep)
+        model, explainer, phase = ctx.model, ctx.explainer, ctx.phases.phase
+        with phase("clean_maps"):
+            clean_raw = clean_maps(ctx, prep)
+        with phase("perturbation"):
+            perturbed, linf = perturb_batch(ctx, prep)
         pert_pixels = perturbed.pixels
-        pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
-        with torch.no_grad():  # one text forward, one image forward for clean and perturbed
+        with phase("perturbed_maps"):
+            pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
+        with phase("similarity"), torch.no_grad():  # one text forward, one image forward for clean and perturbed
             text = model.encode_text(prep.tokens).float()
             image = model.encode_image(torch.cat([prep.pixels, pert_pixels])).float()
             s_orig, s_pert = (image * text.repeat(2, 1)).sum(-1).chunk(2)
-        size = tuple(prep.pixels.shape[-2:])
-        clean, pert = image_maps(clean_raw.float(), size), image_maps(pert_raw.float(), size)
-        scores = ctx.metrics(clean, pert, s_orig, s_pert)
-        flags = scores.pop("map_flag")
-        scores.update(complexity_columns(clean), **complexity_columns(pert, "pert"))
+        with phase("metrics"):
+            size = tuple(prep.pixels.shape[-2:])
+            clean, pert = image_maps(clean_raw.float(), size), image_maps(pert_raw.float(), size)
+            scores = ctx.metrics(clean, pert, s_orig, s_pert)
+            flags = scores.pop("map_flag")
+            scores.update(complexity_columns(clean), **complexity_columns(pert, "pert"))
         cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
         cols["sim_orig"], cols["sim_pert"] = s_orig.double().cpu().tolist(), s_pert.double().cpu().tolist()
         cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), perturbed.clamped.double().cpu().tolist()
