@@ -23,9 +23,13 @@ ID_COLUMNS = ["sample_id", "caption", "label", "dataset", "model", "explainer", 
 # What the perturbation did: perturbation (its label: fgsm, pgd, noise_sign, noise_gaussian,
 # map_attack, map_attack(<surrogate>)), perturbation_params (JSON of all its settings, space
 # included), linf (achieved L-inf pixel change, [0,1] units), clamped (share of values its final
-# [0,1] clamp changed), objective (map_attack's objective at the returned image, else NaN).
+# [0,1] clamp changed), objective (map_attack's objective, xshift's loss gain at the returned image,
+# else NaN), sim_change (|sim_pert - sim_orig|, cosine units), pred_kept (1/0: the zero-shot top-1
+# over the perturbation's class prompts is unchanged; NaN without a class-prompt set), target_mass /
+# target_mass_pert (share of the clean / perturbed map's mass inside xshift's target region, else NaN).
 SENSITIVITY_COLUMNS = ID_COLUMNS + [
     "perturbation", "perturbation_params", "eps", "linf", "clamped", "objective",
+    "sim_change", "pred_kept", "target_mass", "target_mass_pert",
     "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
     "sparseness", "complexity", "sparseness_pert", "complexity_pert",  # of the clean / perturbed map
@@ -69,6 +73,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective")},
+    **{c: float("nan") for c in ("sim_change", "pred_kept", "target_mass", "target_mass_pert")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
 }
