@@ -16,6 +16,7 @@ import torch
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
+from clip_xai.metrics.manipulation import COLUMNS as MASKING_COLUMNS
 from clip_xai.perturbations.base import LINF_TOL, Perturbed, achieved_linf, mass_inside
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
@@ -65,7 +66,7 @@ def achieved_columns(ctx: RunContext, image: torch.Tensor, s_orig: torch.Tensor,
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
     metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
-                      "sim_change", "pred_kept", "target_mass", "target_mass_pert",
+                      "sim_change", "pred_kept", "target_mass", "target_mass_pert", *MASKING_COLUMNS,
                       *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
     uses_perturbation = True
@@ -100,6 +101,12 @@ class SensitivityStudy(Study):
         n = len(prep.batch)
         cols["objective"] = [float("nan")] * n if perturbed.objective is None else perturbed.objective.double().cpu().tolist()
         cols.update(achieved_columns(ctx, image, s_orig, s_pert, clean, pert, perturbed.region))
+        masking = getattr(ctx.metrics, "model_columns", None)  # metrics=manipulation's masking check
+        if masking is None:
+            cols.update({c: [float("nan")] * n for c in MASKING_COLUMNS})
+        else:
+            cols.update({k: v.double().cpu().tolist() for k, v in masking(
+                model, prep.pixels, pert_pixels, text, prep.seeds, clean, pert, s_orig, s_pert).items()})
         params = ctx.perturbation.params_json()
         b = prep.batch
         labels = b.labels.tolist()
