@@ -94,7 +94,7 @@ def test_the_gain_is_the_target_minus_object_shift_recomputed_natively(tiny, bat
     c1, _ = native_similarity(tiny, dense.pixels, text)
     attack = XShift(EPS, classes=None)
     with torch.no_grad():  # the regions from the attack's own clean map (ties must break as the attack's did)
-        target, obj = attack.regions(tiny, patch_similarity(tiny, pixels, text)[0], seeds, None)
+        target, obj = attack.regions(patch_similarity(tiny, pixels, text)[0], seeds, None)
     gain = (region_mean(c1, target) - region_mean(c1, obj)) - (region_mean(c0, target) - region_mean(c0, obj))
     assert torch.allclose(gain, dense.objective, atol=1e-5)
     # the attack's own patch-similarity map gained mass in the target wherever it moved

@@ -188,7 +188,7 @@ class XShift(Perturbation):
                                f"{type(dataset).__name__} has none",
                                "use dataset=rival10, or perturbation.target=farthest|random_box")
 
-    def regions(self, model: ClipAdapter, c0: Tensor, seeds: Tensor, masks: Tensor | None) -> tuple[Tensor, Tensor]:
+    def regions(self, c0: Tensor, seeds: Tensor, masks: Tensor | None) -> tuple[Tensor, Tensor]:
         """(target T, object O) as (B,h,w) bool patch masks, from the clean map ``c0`` (module docstring)."""
         grid = tuple(c0.shape[-2:])
         if self.target == "mask_complement":
@@ -212,7 +212,7 @@ class XShift(Perturbation):
         with torch.no_grad():
             c0, s0, image0 = patch_similarity(model, pixels, text)
         top0 = None if classes is None else (image0.float() @ classes.T).argmax(1)
-        target, obj = self.regions(model, c0.float(), seeds, masks)
+        target, obj = self.regions(c0.float(), seeds, masks)
         loss0 = region_mean(c0, target) - region_mean(c0, obj)
         best, best_gain = pixels.clone(), torch.zeros_like(s0)
         best_clamped = torch.zeros_like(s0)
