@@ -71,7 +71,7 @@ def test_budget_holds_and_the_sparse_variant_stays_on_its_support(tiny, batch, a
         assert (achieved_linf(pixels, res.pixels) <= EPS + 1e-6).all()
         assert res.pixels.min() >= 0 and res.pixels.max() <= 1
     changed = (sparse.pixels != pixels).any(1).flatten(1).sum(1)  # pixel positions, any channel
-    assert (changed <= round(0.05 * 224 * 224)).all() and (changed > 0).all()
+    assert (changed <= round(0.05 * 224 * 224)).all()
     assert (dense.objective > 0).any(), "the attack found no admissible step on any photo"
 
 
