@@ -28,9 +28,17 @@ RUN_COLUMNS = ["precision"]
 # What the perturbation did: perturbation (its label: fgsm, pgd, noise_sign, noise_gaussian,
 # map_attack, map_attack(<surrogate>)), perturbation_params (JSON of all its settings, space
 # included), linf (achieved L-inf pixel change, [0,1] units), clamped (share of values its final
-# [0,1] clamp changed), objective (map_attack's objective at the returned image, else NaN).
+# [0,1] clamp changed), objective (map_attack's objective, xshift's loss gain at the returned image,
+# else NaN), sim_change (|sim_pert - sim_orig|, cosine units), pred_kept (1/0: the zero-shot top-1
+# over the perturbation's class prompts is unchanged; NaN without a class-prompt set), target_mass /
+# target_mass_pert (share of the clean / perturbed map's mass inside xshift's target region, else NaN).
 SENSITIVITY_COLUMNS = ID_COLUMNS + [
     "perturbation", "perturbation_params", "eps", "linf", "clamped", "objective",
+    "sim_change", "pred_kept", "target_mass", "target_mass_pert",
+    # metrics=manipulation's masking check (NaN under metrics=sensitivity): similarity drop when the
+    # map's top patches / as many random patches are masked, and the flag (1 = top region matters no
+    # more than random), for the clean map and (_pert) the perturbed map on the perturbed image
+    "mask_drop", "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert",
     "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
     "sparseness", "complexity", "sparseness_pert", "complexity_pert",  # of the clean / perturbed map
@@ -74,6 +82,8 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "", "precision": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective")},
+    **{c: float("nan") for c in ("sim_change", "pred_kept", "target_mass", "target_mass_pert", "mask_drop",
+                                 "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
 }
@@ -88,6 +98,8 @@ HIGHER_IS_BETTER = {
     "sparseness": True, "complexity": False,
     "pointing_game": True, "energy_pointing_game": True, "relevance_mass": True, "relevance_rank": True,
     "mask_auroc": True,
+    # manipulation (masking check): a faithful map's top region matters; flagged maps are worse
+    "mask_drop": True, "mask_drop_pert": True, "mask_flag": False, "mask_flag_pert": False,
     # randomisation: a map that passes the sanity check moves away from the original (towards 0)
     "rand_spearman": False, "rand_ssim": False, "rand_topk": False,
 }

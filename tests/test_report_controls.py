@@ -63,3 +63,18 @@ def test_control_target_names_the_noise_class():
     from clip_xai.perturbations.noise import Noise
 
     assert controls.CONTROL_TARGET == f"{Noise.__module__}.{Noise.__qualname__}"
+
+
+def test_explanation_shift_table_pairs_rows_and_rates():
+    df = frame()
+    att = df.perturbation == "fgsm"
+    df["target_mass"] = np.where(att, 0.2, np.nan)
+    df["target_mass_pert"] = np.where(att, 0.5, np.nan)
+    df["pred_kept"] = np.where(att, (np.arange(len(df)) % 2).astype(float), np.nan)
+    df["mask_flag"], df["mask_flag_pert"], df["sim_change"] = 0.0, np.where(att, 1.0, 0.0), 0.004
+    assert controls.has_shift_columns(df) and not controls.has_shift_columns(frame())
+    t = controls.shift_table(df).set_index(["method", "perturbation"])
+    row = t.loc[("gradcam", "fgsm")]
+    assert row["rows"] == N and np.isclose(row["target_shift"], 0.3) and np.isclose(row["kept_rate"], 0.5)
+    assert row["flag_rate_pert"] == 1.0 and row["flag_rate_clean"] == 0.0 and np.isclose(row["mean_abs_ds"], 0.004)
+    assert np.isnan(t.loc[("gradcam", "noise_sign"), "target_shift"])

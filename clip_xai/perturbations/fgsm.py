@@ -21,7 +21,7 @@ from torch import Tensor
 from clip_xai.explainers.base import text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.perturbations.base import (
-    DIRECTIONS, Perturbation, Perturbed, Space, check_direction, clamped_share, similarity_gradient,
+    DIRECTIONS, Perturbation, Perturbed, Space, box, check_direction,
 )
 from clip_xai.types import TextTokens
 
@@ -29,17 +29,20 @@ from clip_xai.types import TextTokens
 class FGSM(Perturbation):
     """Sign-gradient step of size ``eps`` (in units of ``space``) that raises (or lowers) similarity."""
 
-    def __init__(self, eps: float, direction: str = "increase", space: str = "pixel", name: str = "fgsm"):
-        super().__init__(name, eps, space)
+    def __init__(self, eps: float, direction: str = "increase", space: str = "pixel", classes="auto",
+                 prompt: str = "a photo of a {}", name: str = "fgsm"):
+        super().__init__(name, eps, space, classes, prompt)
         check_direction(direction)
         self.direction = direction
 
-    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Perturbed:
+    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor,
+                masks: Tensor | None = None) -> Perturbed:
         space = Space(self.space, model)
         z = space.to_space(pixels)
         stepped = z  # ε = 0: no step, but the normalized space still clamps, as the thesis did
         if self.eps > 0.0:
-            g, _ = similarity_gradient(model, space, z, text_target(model, tokens))
+            g, _ = space.gradient(model, z, text_target(model, tokens))
             stepped = z + DIRECTIONS[self.direction] * self.eps * g.sign()
-        boxed = stepped.clamp(0.0, 1.0)
-        return Perturbed(space.to_pixels(boxed).detach(), clamped_share(stepped, boxed))
+        # The box alone, not project's ball: a step of exactly ±ε never leaves the ball around z.
+        boxed, clamped = box(stepped)
+        return Perturbed(space.to_pixels(boxed).detach(), clamped)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import cosine, keep_graph, text_target
 from clip_xai.models.base import ClipAdapter
-from clip_xai.perturbations.base import Perturbation, Perturbed, clamped_share, project
+from clip_xai.perturbations.base import Perturbation, Perturbed, clamped_share, orthogonal_to, project
 from clip_xai.perturbations.pgd import check_steps, random_start
 from clip_xai.progress import steps
 from clip_xai.types import TextTokens
@@ -76,12 +76,6 @@ def softplus_activations(module: nn.Module, beta: float | None):
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
-
-
-def orthogonal_to(step: Tensor, direction: Tensor) -> Tensor:
-    """``step`` minus its component along ``direction``, per sample: a first-order no-change step."""
-    coef = (step * direction).flatten(1).sum(1) / direction.flatten(1).square().sum(1).clamp_min(EPS)
-    return step - coef.view(-1, *([1] * (step.dim() - 1))) * direction
 
 
 def mass_map(raw: Tensor, size: tuple[int, int]) -> Tensor:
@@ -135,8 +129,9 @@ class MapAttack(Perturbation):
 
     def __init__(self, eps: float, steps: int = 10, alpha: float | None = None, objective: str = "topk",
                  k: int = 100, lam: float = 1.0, max_sim_change: float = 0.01, random_start: bool = True,
-                 softplus_beta: float | None = None, surrogate: str | None = None, name: str = "map_attack"):
-        super().__init__(name, eps, "pixel")
+                 softplus_beta: float | None = None, surrogate: str | None = None, classes="auto",
+                 prompt: str = "a photo of a {}", name: str = "map_attack"):
+        super().__init__(name, eps, "pixel", classes, prompt)
         check_steps(steps, alpha)
         if objective not in OBJECTIVES:
             raise ClipXaiError(f"perturbation.objective={objective!r} is not known",
@@ -186,7 +181,8 @@ class MapAttack(Perturbation):
             return (p0.gather(1, top) - p.gather(1, top)).sum(1)
         return (p - p0).norm(dim=1) / p0.norm(dim=1).clamp_min(EPS)
 
-    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Perturbed:
+    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor,
+                masks: Tensor | None = None) -> Perturbed:
         if self.explainer is None:
             raise ClipXaiError("map_attack has no explainer to attack", "call bind(explainer, model) before perturbing")
         explainer, size = self.explainer, tuple(pixels.shape[-2:])

@@ -18,8 +18,8 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import text_target
 from clip_xai.models.base import ClipAdapter
 from clip_xai.perturbations.base import (
-    DIRECTIONS, Perturbation, Perturbed, Space, check_direction, clamped_share, perturbation_rng, project,
-    similarity_gradient, uniform,
+    DIRECTIONS, Perturbation, Perturbed, Space, box, check_direction, clamped_share, perturbation_rng, project,
+    uniform,
 )
 from clip_xai.progress import steps
 from clip_xai.types import TextTokens
@@ -44,8 +44,9 @@ class PGD(Perturbation):
     """``steps`` projected sign-gradient steps of size ``alpha`` inside the ε ball (see module docstring)."""
 
     def __init__(self, eps: float, steps: int = 10, alpha: float | None = None, random_start: bool = False,
-                 direction: str = "increase", space: str = "pixel", name: str = "pgd"):
-        super().__init__(name, eps, space)
+                 direction: str = "increase", space: str = "pixel", classes="auto", prompt: str = "a photo of a {}",
+                 name: str = "pgd"):
+        super().__init__(name, eps, space, classes, prompt)
         check_direction(direction)
         check_steps(steps, alpha)
         self.steps = int(steps)
@@ -53,18 +54,19 @@ class PGD(Perturbation):
         self.random_start = bool(random_start)
         self.direction = direction
 
-    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Perturbed:
+    def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor,
+                masks: Tensor | None = None) -> Perturbed:
         space = Space(self.space, model)
         z0 = space.to_space(pixels)
-        if self.eps == 0.0:
-            boxed = z0.clamp(0.0, 1.0)
-            return Perturbed(space.to_pixels(boxed), clamped_share(z0, boxed))
+        if self.eps == 0.0:  # the box alone (the ball of radius 0 would be the identity before it)
+            boxed, clamped = box(z0)
+            return Perturbed(space.to_pixels(boxed), clamped)
         target = text_target(model, tokens)
         z, clamped = z0, clamped_share(z0, z0)
         if self.random_start:
             z, clamped = project(random_start(z0, self.eps, seeds), z0, self.eps)
         sign = DIRECTIONS[self.direction]
         for _ in steps(self.steps, "pgd", samples=z.shape[0]):  # progress with the job's ETA
-            g, _ = similarity_gradient(model, space, z, target)
+            g, _ = space.gradient(model, z, target)
             z, clamped = project(z + sign * self.alpha * g.sign(), z0, self.eps)
         return Perturbed(space.to_pixels(z).detach(), clamped)

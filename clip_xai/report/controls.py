@@ -11,7 +11,11 @@ thesis_controls``), this view shows
   percentile-bootstrap CI, and a Wilcoxon signed-rank test, Holm-corrected within each
   (dataset, model, metric, ε);
 * what each perturbation achieved: ε, achieved L∞, Δs, the share of clamped values, and the map
-  attack's objective.
+  attack's objective;
+* the explanation shift per method (where the rows carry it: X-Shift, ``pred_kept`` on datasets
+  with class names, ``metrics=manipulation``): the map's mass inside the attack's target region
+  before and after and its shift (paired per row), the |Δs| achieved, the prediction-kept rate,
+  and the masking check's flag rates of the clean and the perturbed maps.
 
 A perturbation row is a control when its run's ``perturbation._target_`` is the Noise class.
 """
@@ -32,6 +36,8 @@ CONTROL_TARGET = "clip_xai.perturbations.noise.Noise"
 METRICS = list(figures.SENS_METRICS)  # spearman, ssim, topk: higher = more stable
 SETTING = ["dataset", "model"]
 ACHIEVED = ["linf", "sim_diff", "clamped", "objective"]
+#: Columns of the explanation-shift table (means per method × perturbation × ε; rates for 0/1 columns).
+SHIFT = ["target_mass", "target_mass_pert", "sim_change", "pred_kept", "mask_flag", "mask_flag_pert"]
 
 
 def is_control(sens: pd.DataFrame) -> pd.Series:
@@ -111,6 +117,28 @@ def achieved_table(sens: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def shift_table(sens: pd.DataFrame) -> pd.DataFrame:
+    """Per setting × method × perturbation × ε: rows, mean target mass before/after, the mean paired
+    shift (after − before, rows with both), mean |Δs|, prediction-kept rate and the masking check's
+    flag rates (clean map, perturbed map); NaN where a perturbation has no such column."""
+    cols = [c for c in SHIFT if c in sens.columns]
+    g = sens.groupby([*SETTING, "method", "perturbation", "eps"], sort=True, dropna=False)
+    out = g[cols].mean()
+    if {"target_mass", "target_mass_pert"} <= set(cols):
+        shift = (sens["target_mass_pert"] - sens["target_mass"]).rename("target_shift")
+        out.insert(cols.index("target_mass_pert") + 1, "target_shift", shift.groupby(
+            [sens[k] for k in [*SETTING, "method", "perturbation", "eps"]], sort=True, dropna=False).mean())
+    out = out.rename(columns={"pred_kept": "kept_rate", "mask_flag": "flag_rate_clean",
+                              "mask_flag_pert": "flag_rate_pert", "sim_change": "mean_abs_ds"})
+    out.insert(0, "rows", g.size())
+    return out.reset_index()
+
+
+def has_shift_columns(sens: pd.DataFrame) -> bool:
+    """True when some row carries a target mass, a kept prediction or a masking-check flag."""
+    return any(c in sens.columns and sens[c].notna().any() for c in SHIFT if c != "sim_change")
+
+
 def controls_curves(sens: pd.DataFrame, out_dir: Path, n_boot: int, seed: int, name: str) -> list[Path]:
     """Rows = metrics, columns = methods: mean metric vs ε per perturbation, controls dashed, 95% CI bands."""
     metrics = [m for m in METRICS if m in sens.columns and sens[m].notna().any()]
@@ -150,6 +178,14 @@ def controls_view(sens: pd.DataFrame, out_dir: Path, n_boot: int = 1000, seed: i
                               "What each perturbation achieved (means over rows)"),
                  "rows, mean and max achieved L∞ (pixel units), mean Δs, share of clamped values and map-attack "
                  "objective per perturbation and ε"))
+    if has_shift_columns(sens):
+        shift = shift_table(sens)
+        tabs.append(("Explanation shift and kept predictions",
+                     tables.write(shift, tables.markdown(shift), tabdir, "explanation_shift",
+                                  "Explanation shift, kept predictions and the masking check"),
+                     "per method × perturbation × ε: map mass in X-Shift's target region before/after and the "
+                     "paired shift, mean |Δs|, zero-shot top-1 kept rate, and the masking check's flag rates "
+                     "(clean map, perturbed map)"))
     control = is_control(sens)
     if not control.any() or control.all():
         skipped.append("controls view (metric vs ε with random controls, adversarial excess): needs both an attack "

@@ -102,6 +102,7 @@ class Study:
             if ctx.perturbation is None:
                 raise ClipXaiError(f"study={self.name} needs a perturbation", "add perturbation=fgsm")
             ctx.perturbation.bind(ctx.explainer, ctx.model)  # attacks on maps check the explainer here
+            ctx.perturbation.bind_data(ctx.dataset)  # class names (classes=auto), X-Shift's mask check
 
     def check_data(self, dataset) -> None:
         """Validate the dataset right after it is built, before the model is loaded."""

@@ -4,8 +4,9 @@ Per sample: clean map (from the clean-map cache when a sweep already computed it
 pixels, perturbed map, similarities before/after, then Spearman, SSIM, Top-K and Δs between the
 min-max normalised, image-size maps. The same per-sample seed drives both maps, so RISE masks
 and bottleneck noise are shared between clean and perturbed (only the image differs). Each row
-also records what the perturbation achieved (``linf``, ``clamped``, ``objective``); a pixel-space
-perturbation whose ``linf`` exceeds its ε is a bug and stops the run.
+also records what the perturbation achieved (``linf``, ``clamped``, ``objective``, ``sim_change``,
+``pred_kept`` over the class prompts, and for X-Shift the map's mass inside its target region before
+and after); a pixel-space perturbation whose ``linf`` exceeds its ε is a bug and stops the run.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
-from clip_xai.perturbations.base import LINF_TOL, Perturbed, achieved_linf
+from clip_xai.metrics.manipulation import COLUMNS as MASKING_COLUMNS
+from clip_xai.perturbations.base import LINF_TOL, Perturbed, achieved_linf, mass_inside
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 
@@ -31,7 +33,7 @@ def clean_maps(ctx: RunContext, prep: Prepared) -> torch.Tensor:
 def perturb_batch(ctx: RunContext, prep: Prepared) -> tuple[Perturbed, torch.Tensor]:
     """The batch's perturbation (seeded per sample) and its achieved L∞ per sample. A pixel-space
     perturbation that moved a pixel by more than its ε is a bug and stops the run."""
-    perturbed = ctx.perturbation.perturb(ctx.model, prep.pixels, prep.tokens, prep.seeds)
+    perturbed = ctx.perturbation.perturb(ctx.model, prep.pixels, prep.tokens, prep.seeds, prep.batch.object_masks)
     linf = achieved_linf(prep.pixels, perturbed.pixels)
     bound = ctx.perturbation.linf_bound
     if bound is not None and bool((linf > bound + LINF_TOL).any()):
@@ -40,9 +42,31 @@ def perturb_batch(ctx: RunContext, prep: Prepared) -> tuple[Perturbed, torch.Ten
     return perturbed, linf
 
 
+def achieved_columns(ctx: RunContext, image: torch.Tensor, s_orig: torch.Tensor, s_pert: torch.Tensor,
+                     clean: torch.Tensor, pert: torch.Tensor, region: torch.Tensor | None) -> dict[str, list]:
+    """``sim_change``, ``pred_kept`` (the zero-shot top-1 of the clean and perturbed embeddings ``image``
+    (2B,E) over the perturbation's class prompts; NaN without them) and the map mass inside the
+    perturbation's target region before/after (NaN without one), from the study's own forward."""
+    n = len(s_orig)
+    nan = torch.full((n,), float("nan"), dtype=torch.float64)
+    classes = ctx.perturbation.class_embeddings(ctx.model)
+    kept = nan
+    if classes is not None:
+        top_clean, top_pert = (image @ classes.T).argmax(1).chunk(2)
+        kept = (top_clean == top_pert).double()
+    before = after = nan
+    if region is not None:
+        region = region.to(clean.device)
+        before, after = mass_inside(clean, region), mass_inside(pert, region)
+    return {k: v.double().cpu().tolist() for k, v in
+            {"sim_change": (s_pert - s_orig).abs(), "pred_kept": kept,
+             "target_mass": before, "target_mass_pert": after}.items()}
+
+
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
     metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
+                      "sim_change", "pred_kept", "target_mass", "target_mass_pert", *MASKING_COLUMNS,
                       *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
     uses_perturbation = True
@@ -80,6 +104,13 @@ class SensitivityStudy(Study):
         cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), perturbed.clamped.double().cpu().tolist()
         n = len(prep.batch)
         cols["objective"] = [float("nan")] * n if perturbed.objective is None else perturbed.objective.double().cpu().tolist()
+        cols.update(achieved_columns(ctx, image, s_orig, s_pert, clean, pert, perturbed.region))
+        masking = getattr(ctx.metrics, "model_columns", None)  # metrics=manipulation's masking check
+        if masking is None:
+            cols.update({c: [float("nan")] * n for c in MASKING_COLUMNS})
+        else:
+            cols.update({k: v.double().cpu().tolist() for k, v in masking(
+                model, prep.pixels, pert_pixels, text, prep.seeds, clean, pert, s_orig, s_pert).items()})
         params = ctx.perturbation.params_json()
         b = prep.batch
         labels = b.labels.tolist()
