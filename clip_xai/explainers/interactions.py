@@ -154,6 +154,7 @@ def second_order(model: ClipAdapter, pixels: Tensor, tokens: TextTokens, steps: 
         d_t = (x_t - r_t) * real[..., None]
         d_i = x_i - r_i
         e_dim = emb[0].shape[-1]
+        acc = torch.promote_types(x_i.dtype, torch.float32)  # accumulate in float32 at least
 
         # text side: C_T[b, s] = (1/N) Σ_k J_T(r + α_k δ) (δ restricted to token s), by forward mode
         pos = real.nonzero()  # (R, 2): sample, token
@@ -162,7 +163,7 @@ def second_order(model: ClipAdapter, pixels: Tensor, tokens: TextTokens, steps: 
         step_i = max(1, min(steps, chunk // b))
         tok_i = max(1, chunk // (b * step_i))
         n_image = -(-steps // step_i) * -(-n // tok_i)
-        c_t = torch.zeros(b, n, e_dim, device=pixels.device, dtype=torch.float32)
+        c_t = torch.zeros(b, n, e_dim, device=pixels.device, dtype=acc)
         with task(n_text + n_image, desc, unit="pass", samples=b) as progress:
             for rows in grid.split(chunk):
                 sample, token = pos[rows[:, 0], 0], pos[rows[:, 0], 1]
@@ -174,11 +175,11 @@ def second_order(model: ClipAdapter, pixels: Tensor, tokens: TextTokens, steps: 
                 with fwAD.dual_level():
                     out, _ = text.run(fwAD.make_dual(primal, tangent), _rows(bias_t, sample), start=lt)
                     jvp = fwAD.unpack_dual(text.pool(out, _token_rows(tok, sample))).tangent
-                c_t.index_put_((sample, token), jvp.float() / steps, accumulate=True)
+                c_t.index_put_((sample, token), jvp.to(acc) / steps, accumulate=True)
                 progress.update()
 
             # image side: A[b, s, :] = (1/N) Σ_k [C_T[b, s]ᵀ J_I(r + α_k δ)] · δ, one batched vjp per token
-            out_a = torch.zeros(b, n, x_i.shape[1], device=pixels.device, dtype=torch.float32)
+            out_a = torch.zeros(b, n, x_i.shape[1], device=pixels.device, dtype=acc)
             for ks in torch.arange(steps, device=pixels.device).split(step_i):
                 sample = torch.arange(b, device=pixels.device).repeat_interleave(len(ks))
                 alpha = alphas[ks].repeat(b).to(x_i.dtype)[:, None, None]
@@ -189,14 +190,14 @@ def second_order(model: ClipAdapter, pixels: Tensor, tokens: TextTokens, steps: 
                     for j, ts in enumerate(chunks):
                         cot = c_t[sample][:, ts].transpose(0, 1).to(e.dtype)  # (tokens, rows, E)
                         (g,) = torch.autograd.grad(e, h, cot, is_grads_batched=True, retain_graph=j < len(chunks) - 1)
-                        part = (g.float() * d_i[sample].float()).sum(-1)  # (tokens, rows, N_I)
+                        part = (g.to(acc) * d_i[sample].to(acc)).sum(-1)  # (tokens, rows, N_I)
                         out_a[:, ts] += part.view(len(ts), b, len(ks), -1).sum(2).transpose(0, 1) / steps
                         progress.update()
-    norm = emb[0].float().norm(dim=-1) * emb[2].float().norm(dim=-1)
+    norm = emb[0].to(acc).norm(dim=-1) * emb[2].to(acc).norm(dim=-1)
     out_a = out_a / norm[:, None, None]
     if n < full_len:
         out_a = torch.cat([out_a, out_a.new_zeros(b, full_len - n, out_a.shape[-1])], dim=1)
-    return Interactions(out_a, norm, tuple(e.float() for e in emb))
+    return Interactions(out_a, norm, tuple(e.to(acc) for e in emb))
 
 
 class SecondOrderInteractions(Explainer):
