@@ -61,7 +61,8 @@ def perturb_batch(ctx: RunContext, prep: Prepared) -> tuple[Perturbed, torch.Ten
 
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
-    metric_columns = ["spearman", "ssim", "topk", "matrix_spearman", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
+    metric_columns = ["spearman", "ssim", "topk", "matrix_spearman", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped",
+                      "objective",
                       *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
     uses_perturbation = True
