@@ -49,7 +49,8 @@ report: $(STAMP)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
 
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
-# the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods and AttnLRP (both studies).
+# the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, AttnLRP and the
+# second-order interactions (both studies; interactions with 2 path points to keep it short).
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
@@ -58,6 +59,8 @@ smoke: $(STAMP)
 	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_attnlrp model=tiny dataset.limit=2 logger=none \
 	  explainer=attnlrp study=sensitivity,faithfulness
+	$(BIN)/python -m clip_xai -m name=smoke_interactions model=tiny dataset.limit=2 logger=none \
+	  explainer=interactions explainer.steps=2 study=sensitivity,faithfulness
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)

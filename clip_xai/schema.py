@@ -41,6 +41,8 @@ SENSITIVITY_COLUMNS = ID_COLUMNS + [
     "mask_drop", "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert",
     "sim_orig", "sim_pert", "sim_diff",
     "spearman", "ssim", "topk",
+    "matrix_spearman",  # explainers with a caption-token x image-patch matrix (interactions): Spearman of
+                        # clean vs perturbed matrix over the real-token rows; NaN for the others
     "sparseness", "complexity", "sparseness_pert", "complexity_pert",  # of the clean / perturbed map
     "map_flag",  # "" if both maps are usable, else "constant_clean", "nan_pert", ... (metrics are NaN)
     "caption_flag",  # "" or "caption_truncated" (dataset.on_long_caption=truncate: `caption` is the text used)
@@ -81,7 +83,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "", "precision": "",
-    **{c: float("nan") for c in ("linf", "clamped", "objective")},
+    **{c: float("nan") for c in ("linf", "clamped", "objective", "matrix_spearman")},
     **{c: float("nan") for c in ("sim_change", "pred_kept", "target_mass", "target_mass_pert", "mask_drop",
                                  "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
@@ -90,7 +92,7 @@ OPTIONAL_COLUMNS = {
 
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {
-    "spearman": True, "ssim": True, "topk": True, "sim_diff": False,
+    "spearman": True, "ssim": True, "topk": True, "sim_diff": False, "matrix_spearman": True,
     "conf_drop_image": False, "conf_incr_image": True,
     "conf_drop_text": False, "conf_incr_text": True,
     "road": True,
@@ -106,4 +108,6 @@ HIGHER_IS_BETTER = {
 
 # examples.npz arrays (n = study.save_examples, maps min-max normalised at image resolution):
 #   sample_id (n,) str, caption (n,) str, image (n,H,W,3) uint8, map_clean (n,H,W) float16,
-#   and for sensitivity also image_pert (n,H,W,3) uint8, map_pert (n,H,W) float16, eps (n,) float.
+#   and for sensitivity also image_pert (n,H,W,3) uint8, map_pert (n,H,W) float16, eps (n,) float;
+#   for explainers with a matrix also matrix_clean, matrix_pert (n,L,h,w) float16 (raw, caption
+#   token x patch) and matrix_rows (n,L) bool (the caption's real tokens).

@@ -16,6 +16,7 @@ from clip_xai.explainers.chefer import Chefer
 from clip_xai.explainers.eclip import GradECLIP
 from clip_xai.explainers.fastig import FastIG
 from clip_xai.explainers.game import GAME
+from clip_xai.explainers.interactions import SecondOrderInteractions
 from clip_xai.explainers.m2ib import M2IB
 from clip_xai.explainers.mfaba import MFABA
 from clip_xai.explainers.postprocess import text_maps
@@ -39,6 +40,7 @@ TEXT_EXPLAINERS = {
     "rollout_full": lambda: Rollout(modality="text", start_layer=0),
     "selfattn": lambda: SelfAttention(modality="text"),
     "rise": lambda: RISE(modality="text", n_masks_text=16),
+    "interactions": lambda: SecondOrderInteractions(modality="text", steps=2),
 }
 
 

@@ -75,6 +75,11 @@ class Explainer:
     #: ``create_graph``), so an attack on the map itself (``perturbation=map_attack``) can
     #: backpropagate through it. Iterative or sampling methods (RISE, M2IB, ABM, MFABA) leave it False.
     differentiable: bool = False
+    #: True when the maps are sums over a larger per-pair array that studies compare too: the
+    #: caption-token × image-patch matrix (``interactions``). Such a class implements
+    #: ``explain_matrix`` → (B, L, h, w), zero rows at padding, and ``map_from_matrix`` (that
+    #: array → this modality's raw map); :meth:`matrices` is its public entry.
+    has_matrix: bool = False
 
     def __init__(self, name: str, modality: str = "image"):
         self.name = name
@@ -124,15 +129,25 @@ class Explainer:
             )
 
     def __call__(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
+        return self._batched(self.explain, model, pixels, tokens, seeds)
+
+    def matrices(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
+        """The (B, L, h, w) token × patch arrays of an explainer with :attr:`has_matrix`."""
+        if not self.has_matrix:
+            raise ClipXaiError(f"explainer {self.name} has no token × patch matrix", "use explainer=interactions")
+        return self._batched(self.explain_matrix, model, pixels, tokens, seeds)
+
+    def _batched(self, fn, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None) -> Tensor:
+        """``fn`` on the batch, in ``cpu_micro_batch`` pieces on a CPU, detached."""
         self.check_requirements(model)
         if seeds is None:
             seeds = torch.zeros(pixels.shape[0], dtype=torch.long)
         n = pixels.shape[0]
         step = self.cpu_micro_batch if pixels.device.type == "cpu" and self.cpu_micro_batch else n
         if n <= step:
-            return self.explain(model, pixels, tokens, seeds).detach()
-        return torch.cat([self.explain(model, pixels[i : i + step], tokens.index(slice(i, i + step)),
-                                       seeds[i : i + step]).detach() for i in range(0, n, step)])
+            return fn(model, pixels, tokens, seeds).detach()
+        return torch.cat([fn(model, pixels[i : i + step], tokens.index(slice(i, i + step)),
+                             seeds[i : i + step]).detach() for i in range(0, n, step)])
 
     def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         """The map of ``self.modality``. Methods whose code is the same for both modalities (it reads

@@ -10,6 +10,7 @@ import pandas as pd
 
 from clip_xai.report import controls, figures, stats, tables
 from clip_xai.report import localisation as localisation_report
+from clip_xai.report import matrices as matrices_report
 from clip_xai.report import randomisation as randomisation_report
 from clip_xai.report.collect import REPORT_MARKER, Collection, collect, example_index
 from clip_xai.schema import DONE_FILE
@@ -164,6 +165,7 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
     sens, faith = df[df["study"] == "sensitivity"], df[df["study"] == "faithfulness"]
     if len(sens):
         _sensitivity(r, sens, n_boot, seed, grid_eps, grid_samples)
+        matrices_report.section(r, sens, n_boot, seed)
         figs, tabs, skipped = controls.controls_view(sens, out_dir, n_boot, seed)
         r.figures += [Item(*f) for f in figs]
         r.tables += [Item(*t) for t in tabs]

@@ -7,8 +7,15 @@ and bottleneck noise are shared between clean and perturbed (only the image diff
 also records what the perturbation achieved (``linf``, ``clamped``, ``objective``, ``sim_change``,
 ``pred_kept`` over the class prompts, and for X-Shift the map's mass inside its target region before
 and after); a pixel-space perturbation whose ``linf`` exceeds its ε is a bug and stops the run.
+
+Explainers whose maps are sums over a caption-token × image-patch matrix (``has_matrix``,
+e.g. ``interactions``) also get ``matrix_spearman``: Spearman between the clean and perturbed
+matrices over every entry of the caption's real-token rows (NaN for the other explainers). Their
+clean matrices are cached beside the clean maps, and examples.npz keeps the matrices.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,17 +24,29 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
 from clip_xai.metrics.manipulation import COLUMNS as MASKING_COLUMNS
+from clip_xai.metrics.sensitivity import spearman
 from clip_xai.perturbations.base import LINF_TOL, Perturbed, achieved_linf, mass_inside
 from clip_xai.schema import SENSITIVITY_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
+from clip_xai.studies.cache import CleanMapCache
 
 
-def clean_maps(ctx: RunContext, prep: Prepared) -> torch.Tensor:
-    """Raw clean maps of a batch, from the clean-map cache when the run has one."""
-    compute = lambda: ctx.explainer(ctx.model, prep.pixels, prep.tokens, prep.seeds)  # noqa: E731
+def clean_maps(ctx: RunContext, prep: Prepared, compute=None) -> torch.Tensor:
+    """Raw clean maps of a batch, from the clean-map cache when the run has one (``compute``
+    overrides how a missing entry is made)."""
+    if compute is None:
+        compute = lambda: ctx.explainer(ctx.model, prep.pixels, prep.tokens, prep.seeds)  # noqa: E731
     if ctx.cache is None:
         return compute()
     return ctx.cache.get_or_compute(prep.batch.sample_ids, compute, ctx.device)
+
+
+def matrix_spearman(clean: torch.Tensor, pert: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B,) Spearman between ``clean[b]`` and ``pert[b]`` ((B, L, h, w) matrices) over every entry
+    of the rows where ``rows[b]`` (B, L) is True: the caption's real tokens (padding rows are zero
+    in both and would only add ties)."""
+    out = [spearman(c[r].flatten()[None], p[r].flatten()[None])[0] for c, p, r in zip(clean, pert, rows.bool())]
+    return torch.stack(out) if out else torch.empty(0, dtype=torch.float64)
 
 
 def perturb_batch(ctx: RunContext, prep: Prepared) -> tuple[Perturbed, torch.Tensor]:
@@ -65,7 +84,7 @@ def achieved_columns(ctx: RunContext, image: torch.Tensor, s_orig: torch.Tensor,
 
 class SensitivityStudy(Study):
     columns = SENSITIVITY_COLUMNS
-    metric_columns = ["spearman", "ssim", "topk", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
+    metric_columns = ["spearman", "ssim", "topk", "matrix_spearman", "sim_diff", "sim_orig", "sim_pert", "linf", "clamped", "objective",
                       "sim_change", "pred_kept", "target_mass", "target_mass_pert", *MASKING_COLUMNS,
                       *column_names(), *column_names("pert")]
     metrics_suite = "sensitivity"
@@ -73,6 +92,21 @@ class SensitivityStudy(Study):
 
     def __init__(self, name: str = "sensitivity"):
         super().__init__(name)
+        self._matrix_cache: CleanMapCache | None = None
+
+    def clean_matrices(self, ctx: RunContext, prep: Prepared) -> torch.Tensor:
+        """Clean matrices of a ``has_matrix`` explainer, cached next to the clean maps."""
+        compute = lambda: ctx.explainer.matrices(ctx.model, prep.pixels, prep.tokens, prep.seeds)  # noqa: E731
+        if ctx.cache is None:
+            return compute()
+        root = Path(f"{ctx.cache.root}-matrix")
+        if self._matrix_cache is None or self._matrix_cache.root != root:
+            self._matrix_cache = CleanMapCache(root)
+        return self._matrix_cache.get_or_compute(prep.batch.sample_ids, compute, ctx.device)
+
+    def extra_summary(self, ctx: RunContext) -> dict:
+        c = self._matrix_cache
+        return {} if c is None else {"matrix_cache_hits": c.hits, "matrix_cache_misses": c.misses}
 
     def check(self, ctx: RunContext) -> None:
         super().check(ctx)
@@ -82,13 +116,23 @@ class SensitivityStudy(Study):
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         model, explainer, phase = ctx.model, ctx.explainer, ctx.phases.phase
+        mats = None
         with phase("clean_maps"):
-            clean_raw = clean_maps(ctx, prep)
+            if explainer.has_matrix:
+                clean_mat = self.clean_matrices(ctx, prep)
+                clean_raw = clean_maps(ctx, prep, lambda: explainer.map_from_matrix(clean_mat, prep.tokens))
+            else:
+                clean_raw = clean_maps(ctx, prep)
         with phase("perturbation"):
             perturbed, linf = perturb_batch(ctx, prep)
         pert_pixels = perturbed.pixels
         with phase("perturbed_maps"):
-            pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
+            if explainer.has_matrix:
+                pert_mat = explainer.matrices(model, pert_pixels, prep.tokens, prep.seeds)
+                pert_raw = explainer.map_from_matrix(pert_mat, prep.tokens)
+                mats = clean_mat.float(), pert_mat.float()
+            else:
+                pert_raw = explainer(model, pert_pixels, prep.tokens, prep.seeds)
         with phase("similarity"), torch.no_grad():  # one text forward, one image forward for clean and perturbed
             text = model.encode_text(prep.tokens).float()
             image = model.encode_image(torch.cat([prep.pixels, pert_pixels])).float()
@@ -100,9 +144,12 @@ class SensitivityStudy(Study):
             flags = scores.pop("map_flag")
             scores.update(complexity_columns(clean), **complexity_columns(pert, "pert"))
         cols = {k: v.double().cpu().tolist() for k, v in scores.items()}
+        n = len(prep.batch)
+        real = prep.tokens.attention_mask.bool()
+        cols["matrix_spearman"] = ([float("nan")] * n if mats is None
+                                   else matrix_spearman(*mats, real.to(mats[0].device)).double().cpu().tolist())
         cols["sim_orig"], cols["sim_pert"] = s_orig.double().cpu().tolist(), s_pert.double().cpu().tolist()
         cols["linf"], cols["clamped"] = linf.double().cpu().tolist(), perturbed.clamped.double().cpu().tolist()
-        n = len(prep.batch)
         cols["objective"] = [float("nan")] * n if perturbed.objective is None else perturbed.objective.double().cpu().tolist()
         cols.update(achieved_columns(ctx, image, s_orig, s_pert, clean, pert, perturbed.region))
         masking = getattr(ctx.metrics, "model_columns", None)  # metrics=manipulation's masking check
@@ -129,4 +176,7 @@ class SensitivityStudy(Study):
             "map_clean": clean[:k].half().cpu().numpy(), "map_pert": pert[:k].half().cpu().numpy(),
             "eps": np.full(min(k, len(b)), ctx.perturbation.eps),
         }
+        if mats is not None:
+            examples.update(matrix_clean=mats[0][:k].half().cpu().numpy(), matrix_pert=mats[1][:k].half().cpu().numpy(),
+                            matrix_rows=real[:k].cpu().numpy())
         return rows, examples
