@@ -8,8 +8,10 @@ reading of the package, not copied.
 For each block l of the vision tower from ``start_layer`` to the last (reference: the last two):
 
 * f_l: block l's output tokens read as if the network ended there ("feature formation"): the mean
-  over ALL tokens, class token included (``layer_pool: mean``, the reference), or the tower's own
-  pooled token (``layer_pool: pooled``: the class token), through the final norm and projection;
+  over ALL tokens, class token included, through the final norm and projection (``layer_pool:
+  mean``, the reference's reading for every CLIP ViT, whatever the model itself pools), or the
+  tower's own pooling head applied to them (``layer_pool: pooled``: class token, patch average or
+  attentional pooler, then norm and projection; at the last block f_l is then the image embedding);
 * s_l = cos(f_l, t) with t the caption's unit text embedding;
 * G_l = ∂s_l/∂A_l, A_l the attention probabilities (B,H,N,N) of block l itself (s_l depends on the
   later blocks' attention not at all, and on earlier blocks' only through the residual stream,
@@ -23,6 +25,10 @@ the same map up to an affine rescaling (Pearson r = 1). The cosine target matche
 ``text_embedding @ normalize(f_l)``; any positive logit scale would only multiply the map.
 
 LeGrad defines no text map (the paper and the package explain images only): image maps only.
+The package's variant for attention-pooled towers (SigLIP, CoCa) differentiates the POOLER's
+attention instead of the blocks'; it is not implemented here. On such towers ``layer_pool: mean``
+is refused at start-up (no per-token head) and ``layer_pool: pooled`` differentiates the blocks'
+attention through the pooler, which is this module's method, not the package's SigLIP one.
 """
 from __future__ import annotations
 
@@ -41,8 +47,7 @@ LAYER_POOLS = ("mean", "pooled")
 
 class LeGrad(Explainer):
     modalities = frozenset({"image"})
-    requires = {"*": frozenset({"blocks", "attention", "token_head"}),
-                "layer_pool=pooled": frozenset({"pooled_token"})}
+    requires = {"*": frozenset({"blocks", "attention"}), "layer_pool=mean": frozenset({"token_head"})}
     differentiable = True
 
     def __init__(self, name: str = "legrad", modality: str = "image", start_layer: int = -2,
@@ -50,7 +55,7 @@ class LeGrad(Explainer):
         super().__init__(name, modality)
         if layer_pool not in LAYER_POOLS:
             raise ClipXaiError(f"legrad layer_pool={layer_pool!r} is not known",
-                               "use explainer.layer_pool=mean (the reference: all tokens) or pooled (the class token)")
+                               "use explainer.layer_pool=mean (the reference: all tokens) or pooled (the tower's own pooling)")
         self.start_layer = int(start_layer)
         self.layer_pool = layer_pool
 
