@@ -9,7 +9,7 @@ MODEL ?= vit_b16
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: install run test test-fast smoke bench report clean
+.PHONY: install run test test-fast smoke bench report docs clean
 
 install: $(STAMP)
 
@@ -51,5 +51,9 @@ smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_2025 model=tiny dataset.limit=2 logger=none \
 	  explainer=legrad study=sensitivity,faithfulness
 
+# The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf outputs multirun .pytest_cache build dist
+	rm -rf outputs multirun .pytest_cache build dist site
