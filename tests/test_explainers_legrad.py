@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -25,7 +26,8 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import keep_graph
 from clip_xai.explainers.legrad import LeGrad
 from clip_xai.models.openclip import OpenClipAdapter
-from tests.helpers import run_cli
+from clip_xai.paths import CONF_DIR
+from tests.helpers import compose_cfg, run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "explainer"
 TOL = 1e-5
@@ -251,7 +253,34 @@ def test_differentiable_map_matches_plain_and_finite_differences(tiny, pair):
     assert abs(analytic.item() - fd.item()) <= 1e-5 * abs(fd.item()), (analytic.item(), fd.item())
 
 
-# --- the real entrypoint, both studies ----------------------------------------------------------
+# --- the experiment files and the real entrypoint, both studies ------------------------------------
+
+
+NEW_AND_BASELINES = ["legrad", "attnlrp", "interactions", "eclip", "game"]
+
+
+def test_methods_2025_experiments_compose():
+    """experiment=methods_2025: the thesis sensitivity set-up over the issue-22 methods beside eclip and
+    game; experiment=methods_2025_faithfulness: the same methods in the ABM Table 1 layout."""
+    sens = compose_cfg(["experiment=methods_2025"])
+    thesis = compose_cfg(["experiment=thesis_sensitivity"])
+    for key in ("model.name", "dataset.name", "dataset.split", "study.name", "metrics.k", "precision",
+                "perturbation.name", "perturbation.space", "batch_size"):
+        assert OmegaConf.select(sens, key) == OmegaConf.select(thesis, key), key
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        sens = compose("config", overrides=["experiment=methods_2025"], return_hydra_config=True)
+        faith = compose("config", overrides=["experiment=methods_2025_faithfulness", "data_root=/d"],
+                        return_hydra_config=True)
+        thesis = compose("config", overrides=["experiment=thesis_sensitivity"], return_hydra_config=True)
+    params = sens.hydra.sweeper.params
+    assert params.explainer.split(",") == NEW_AND_BASELINES
+    assert params["perturbation.eps"] == thesis.hydra.sweeper.params["perturbation.eps"]
+    assert (faith.model.name, faith.study.name, faith.metrics.name, faith.dataset.limit) == \
+        ("vit_b32", "faithfulness", "faithfulness", 2000)
+    assert faith.hydra.sweeper.params.explainer.split(",") == NEW_AND_BASELINES
+    assert faith.hydra.sweeper.params.dataset.split(",") == ["cc", "imagenet", "flickr8k"]
+    # attnlrp and interactions come from their own branches (issue 22); the others are here.
+    assert all((CONF / f"{n}.yaml").is_file() for n in ("legrad", "eclip", "game"))
 
 
 def _rows(root: Path) -> pd.DataFrame:
@@ -260,15 +289,18 @@ def _rows(root: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_entrypoint_sensitivity_and_faithfulness(tmp_path):
-    res = run_cli(["-m", "model=tiny", "dataset=sample", "dataset.limit=2", "explainer=legrad",
-                   "study=sensitivity,faithfulness", "logger=none", "name=lg", f"output_root={tmp_path}"])
+def test_entrypoint_both_studies_through_the_methods_2025_experiments(tmp_path):
+    """Both experiment files with legrad, shrunk to the tiny model and two sample photos."""
+    common = ["model=tiny", "dataset=sample", "dataset.limit=2", "explainer=legrad", "logger=none",
+              f"output_root={tmp_path}"]
+    res = run_cli(["-m", "experiment=methods_2025", "~dataset.split", "perturbation.eps=0.0314", *common])
     assert res.returncode == 0, res.stderr[-3000:]
-    df = _rows(tmp_path / "lg")
-    assert set(df["explainer"]) == {"legrad"} and set(df["study"]) == {"sensitivity", "faithfulness"}
-    sens, faith = df[df.study == "sensitivity"], df[df.study == "faithfulness"]
-    assert len(sens) == 2 and len(faith) == 2
-    assert sens["spearman"].notna().all() and sens["map_flag"].eq("").all()
+    res = run_cli(["-m", "experiment=methods_2025_faithfulness", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    sens, faith = _rows(tmp_path / "methods_2025"), _rows(tmp_path / "methods_2025_faithfulness")
+    assert set(sens["explainer"]) == set(faith["explainer"]) == {"legrad"}
+    assert len(sens) == len(faith) == 2 and set(sens["study"]) == {"sensitivity"}
+    assert sens["spearman"].notna().all() and sens["map_flag"].eq("").all() and (sens["eps"] == 0.0314).all()
     assert faith["conf_drop_image"].notna().all() and faith["road"].notna().all()
     assert faith["conf_drop_text"].isna().all() and set(faith["modality"]) == {"image"}  # no text maps
 
