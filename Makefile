@@ -49,7 +49,7 @@ smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_abm model=tiny dataset.limit=2 logger=none \
 	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_2025 model=tiny dataset.limit=2 logger=none \
-	  explainer=legrad study=sensitivity,faithfulness
+	  explainer=legrad,gem study=sensitivity,faithfulness
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)
