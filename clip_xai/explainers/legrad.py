@@ -55,7 +55,8 @@ class LeGrad(Explainer):
         super().__init__(name, modality)
         if layer_pool not in LAYER_POOLS:
             raise ClipXaiError(f"legrad layer_pool={layer_pool!r} is not known",
-                               "use explainer.layer_pool=mean (the reference: all tokens) or pooled (the tower's own pooling)")
+                               "use explainer.layer_pool=mean (the reference: all tokens) "
+                               "or pooled (the tower's own pooling)")
         self.start_layer = int(start_layer)
         self.layer_pool = layer_pool
 
