@@ -41,7 +41,7 @@ report: $(STAMP)
 
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
 # the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods and the methods of
-# 2024-25 papers (issue 22) in both studies.
+# 2024-25 papers (issue 22: LeGrad, GEM, AttnLRP) in both studies.
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
@@ -49,7 +49,7 @@ smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_abm model=tiny dataset.limit=2 logger=none \
 	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_2025 model=tiny dataset.limit=2 logger=none \
-	  explainer=legrad,gem study=sensitivity,faithfulness
+	  explainer=legrad,gem,attnlrp study=sensitivity,faithfulness
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)
