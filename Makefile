@@ -49,16 +49,16 @@ report: $(STAMP)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
 
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
-# the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, AttnLRP and the
-# second-order interactions (both studies; interactions with 2 path points to keep it short).
+# the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, and the methods of 2024-25
+# papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies.
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
 	  perturbation.eps=0.0157,0.0314,0.0627,0.1255
 	$(BIN)/python -m clip_xai -m name=smoke_abm model=tiny dataset.limit=2 logger=none \
 	  explainer=abm,saliency,fastig,mfaba,chefer study=sensitivity,faithfulness
-	$(BIN)/python -m clip_xai -m name=smoke_attnlrp model=tiny dataset.limit=2 logger=none \
-	  explainer=attnlrp study=sensitivity,faithfulness
+	$(BIN)/python -m clip_xai -m name=smoke_2025 model=tiny dataset.limit=2 logger=none \
+	  explainer=legrad,gem,attnlrp study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_interactions model=tiny dataset.limit=2 logger=none \
 	  explainer=interactions explainer.steps=2 study=sensitivity,faithfulness
 

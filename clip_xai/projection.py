@@ -23,7 +23,11 @@ WARN_ABOVE_S = 300.0  # print the projection when a run would take longer than t
 # images/s, best batch, yaml defaults; (device type, precision) -> (model, forward GFLOP, rates)
 _CPU_TINY = {"abm": 6.57, "chefer": 155.01, "eclip": 169.36, "fastig": 71.57, "fgsm": 70.00, "game": 134.64,
              "gradcam": 155.96, "m2ib": 5.17, "maskclip": 171.19, "mfaba": 7.82, "rise": 0.110, "rollout": 222.40,
-             "saliency": 69.01, "selfattn": 203.65, "surgery": 146.90}
+             "saliency": 69.01, "selfattn": 203.65, "surgery": 146.90,
+             # legrad, gem: game's rate x their ratio to game timed side by side (tiny, batch 16, min
+             # of 7 interleaved rounds, 2026-12-06, build CPU at load ~21-23: legrad 0.82 and 0.85,
+             # gem 0.51); no H100 rates yet
+             "legrad": 110.0, "gem": 69.0}
 _H100_B16 = {
     "fp32": {"abm": 40.5, "chefer": 824.8, "eclip": 817.9, "fastig": 446.2, "fgsm": 445.7, "game": 825.4,
              "gradcam": 816.8, "m2ib": 29.9, "maskclip": 823.9, "mfaba": 49.0, "rise": 0.58, "rollout": 1067.2,

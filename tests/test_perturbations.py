@@ -127,7 +127,7 @@ def test_noise_is_seeded_batch_independent_and_symmetric(tiny, batch):
 def test_differentiable_explainers_give_the_same_map_with_a_graph(tiny, batch):
     pixels, tokens, seeds = batch
     names = differentiable_explainers()
-    assert set(names) == {"chefer", "eclip", "fastig", "game", "gradcam", "maskclip", "rollout", "saliency",
+    assert set(names) == {"chefer", "eclip", "fastig", "game", "gem", "gradcam", "legrad", "maskclip", "rollout", "saliency",
                           "selfattn", "surgery", "surgery_demo", "saliency_nib", "fastig_nib"}
     from clip_xai.config import build
 
