@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -11,35 +10,11 @@ import pandas as pd
 from clip_xai.report import controls, figures, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import randomisation as randomisation_report
-from clip_xai.report.collect import REPORT_MARKER, Collection, collect, example_index
+from clip_xai.report.collect import REPORT_MARKER, collect, example_index
+from clip_xai.report.contents import Item, Report
 from clip_xai.schema import DONE_FILE
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """One figure or table of the report: its files and a one-line description."""
-
-    title: str
-    paths: list[Path]
-    what: str
-
-
-@dataclass
-class Report:
-    """What make_report wrote and why anything was left out."""
-
-    out_dir: Path
-    index: Path
-    collection: Collection
-    figures: list[Item] = field(default_factory=list)
-    tables: list[Item] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def files(self) -> list[Path]:
-        """Every figure and table file written."""
-        return [p for it in [*self.figures, *self.tables] for p in it.paths]
 
 
 def _sensitivity(r: Report, sens: pd.DataFrame, n_boot: int, seed: int, grid_eps: float | None,

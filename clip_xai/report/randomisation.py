@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from clip_xai.report import stats, tables
+from clip_xai.report.contents import Item, Report
 from clip_xai.report.bands import band_grid
 
 METRICS = {"rand_spearman": "Spearman ρ", "rand_ssim": "SSIM", "rand_topk": "Top-K intersection"}
@@ -62,10 +63,8 @@ def table(s: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return s, note + tables.markdown(wide, index=True)
 
 
-def section(r, rnd: pd.DataFrame, n_boot: int, seed: int) -> None:
+def section(r: Report, rnd: pd.DataFrame, n_boot: int, seed: int) -> None:
     """Add the randomisation figure and table to report ``r``."""
-    from clip_xai.report.index import Item
-
     s = summary(rnd, n_boot, seed)
     if s["mean"].notna().sum() == 0:
         r.skipped.append("randomisation figure: every randomisation row is NaN (see map_flag counts)")
