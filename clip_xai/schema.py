@@ -54,12 +54,14 @@ LOCALISATION_COLUMNS = ID_COLUMNS + [
     "caption_flag",
 ]
 
-# Randomisation rows: one per sample x randomised state. randomisation = cascading (blocks from the
-# top down, block = the last one randomised, n_randomised of them) or independent (only `block`);
-# block -1 / n_randomised 0 = nothing randomised (the similarities must be 1). rand_* compare the
-# original map with the randomised model's map: lower = the map depends more on the weights.
+# Randomisation rows: one per sample x randomised state. randomisation = cascading (units from the
+# output down: head, blocks top first, stem; `unit` = the last one randomised, n_randomised of them)
+# or independent (only `unit`); unit "none" / n_randomised 0 = nothing randomised (the similarities
+# must be 1). unit is "head", "b<i>" or "stem"; block is the same as a number (the block index, the
+# number of blocks for the head, -2 for the stem, -1 for nothing). rand_* compare the original map
+# with the randomised model's map: lower = the map depends more on the weights.
 RANDOMISATION_COLUMNS = ID_COLUMNS + [
-    "tower", "randomisation", "block", "n_randomised", "sim_orig", "sim_rand",
+    "tower", "randomisation", "block", "unit", "n_randomised", "sim_orig", "sim_rand",
     "rand_spearman", "rand_ssim", "rand_topk",
     "sparseness", "complexity", "sparseness_rand", "complexity_rand",
     "map_flag", "caption_flag",
@@ -67,7 +69,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
-    "caption_flag": "", "perturbation_params": "",
+    "caption_flag": "", "perturbation_params": "", "unit": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},

@@ -97,6 +97,9 @@ class AltClipText(Tower):
     Embeddings → post-LN blocks → pre_LN → transformation → state at position 0 → text_projection.
     """
 
+    stem_paths = ("text_model.roberta.embeddings",)
+    head_paths = ("text_model.pre_LN", "text_model.transformation", "text_projection")
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.text_model = model.text_model

@@ -148,6 +148,11 @@ class Tower(nn.Module):
 
     blocks: list[BlockOps]
     width: int
+    #: Attribute paths (from the tower) of the weights used before block 0 (patch or token
+    #: embedding, class and position embeddings, the norm before block 0) and after the last block
+    #: (final norm, pooler, projection). Model randomisation re-draws them as the stem and the head.
+    stem_paths: tuple[str, ...] = ()
+    head_paths: tuple[str, ...] = ()
     #: capability → why this tower lacks it (see :data:`CAPABILITIES`); empty = it has them all.
     missing: dict[str, str] = {}
 
@@ -185,6 +190,22 @@ class Tower(nn.Module):
 
     def project_tokens(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters of ``part`` = ``"stem"`` or ``"head"`` (see ``stem_paths``/``head_paths``),
+        each tensor once, in path order; paths that are absent or None (no ``ln_pre``, no
+        projection) give none."""
+        out, seen = [], set()
+        for path in {"stem": self.stem_paths, "head": self.head_paths}[part]:
+            obj = self
+            for name in path.split("."):
+                obj = getattr(obj, name, None)
+            params = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters()) if isinstance(obj, nn.Module) else []
+            for q in params:
+                if id(q) not in seen:
+                    seen.add(id(q))
+                    out.append(q)
+        return out
 
     def layer(self, index: int) -> int:
         """Normalise a possibly negative block index (−1 = last block)."""

@@ -88,6 +88,9 @@ class HfClipVision(Tower):
     """HF CLIP ViT (CLIPModel, AltCLIPModel): patches + CLS + pos → pre_layrnorm → blocks →
     post_layernorm[CLS] → visual_projection."""
 
+    stem_paths = ("vision_model.embeddings", "vision_model.pre_layrnorm")
+    head_paths = ("vision_model.post_layernorm", "visual_projection")
+
     def __init__(self, model: nn.Module, mean: tuple, std: tuple):
         super().__init__()
         self.vision_model = model.vision_model
@@ -127,6 +130,9 @@ class HfClipVision(Tower):
 
 class HfClipText(Tower):
     """HF CLIP text transformer: embeddings → causal pre-LN blocks → final_layer_norm[EOS] → text_projection."""
+
+    stem_paths = ("text_model.embeddings",)
+    head_paths = ("text_model.final_layer_norm", "text_projection")
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -110,6 +110,9 @@ class OpenClipVision(_PixelInput, Tower):
     ``ln_post`` before or after pooling, or an attentional pooler; then ``@ proj``.
     """
 
+    stem_paths = ("visual.conv1", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre")
+    head_paths = ("visual.attn_pool", "visual.ln_post", "visual.proj")
+
     def __init__(self, visual: nn.Module, mean: tuple, std: tuple):
         super().__init__()
         self.visual = visual
@@ -204,6 +207,9 @@ class OpenClipText(Tower):
     The attention bias is the causal mask, or None for bidirectional towers (CLIPA, SigLIP text).
     open_clip 3.x configs cannot turn on its ``use_pad_mask``; such a tower is refused.
     """
+
+    stem_paths = ("src.token_embedding", "src.positional_embedding")
+    head_paths = ("src.ln_final", "src.text_projection")
 
     def __init__(self, model: nn.Module):
         super().__init__()
