@@ -75,6 +75,32 @@ OPTIONAL_COLUMNS = {
                                  "complexity_image", "sparseness_text", "complexity_text")},
 }
 
+# What identifies a row, beside the method (the explainer and its settings: the report's `method`).
+# Rows of two methods that agree on all of these measured the same thing and are paired; rows that
+# differ in any of them are never averaged together. Grouped by role:
+#   SAMPLE_KEY       which sample (within a dataset)
+#   SETTING_KEY      what was explained: the model and dataset, and which map (image or text)
+#   CONDITION_KEYS   the study's condition of the measurement (perturbation and strength, mask,
+#                    randomised tower and unit); columns a study lacks are absent from its rows
+#   REPEAT_KEY       repeats of the same measurement (the seed): averaged over by the paired tests
+SAMPLE_KEY = ["sample_id"]
+SETTING_KEY = ["dataset", "model", "modality"]
+CONDITION_KEYS = {
+    "sensitivity": ["perturbation", "perturbation_params", "eps"],
+    "faithfulness": [],
+    "localisation": ["mask", "perturbation", "eps"],
+    "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
+}
+REPEAT_KEY = ["seed"]
+
+
+def key_columns(study: str | None = None) -> list[str]:
+    """Every identifying column of a row of `study` (of any study when None), ``study`` first,
+    without the method; the condition columns in schema order."""
+    cond = CONDITION_KEYS[study] if study else [c for cs in CONDITION_KEYS.values() for c in cs]
+    return list(dict.fromkeys(["study", *SETTING_KEY, *cond, *REPEAT_KEY, *SAMPLE_KEY]))
+
+
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {
     "spearman": True, "ssim": True, "topk": True, "sim_diff": False,

@@ -165,16 +165,15 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
                              "abm mean per metric with cfg.explainer.target_layer as rows, cfg.explainer.steps as columns"))
     else:
         r.skipped.append("ablation layer × T: no abm runs sweeping cfg.explainer.target_layer / cfg.explainer.steps")
-    paired = df[df["study"] != "randomisation"]  # its rows are per randomised state: see its own figure
-    tests, ranks = stats.paired_tests(paired), stats.rank_table(paired)
+    tests, ranks = stats.paired_tests(df), stats.rank_table(df)  # families keep every study's conditions apart
     if len(tests):
         r.tables.append(Item("Paired tests", tables.write(tests, tables.wilcoxon_md(tests), tabdir, "wilcoxon",
                                                           "Paired method comparisons (Wilcoxon + Holm)"),
                              "Wilcoxon signed-rank p-values per method pair on shared samples, Holm-corrected "
-                             "within metric × ε, with the better method"))
+                             "within metric × study × setting × condition, with the better method"))
         r.tables.append(Item("Ranking", tables.write(ranks, tables.ranks_md(ranks), tabdir, "ranks",
                                                      "Mean rank of methods per metric and ε"),
-                             "mean rank of each method across shared samples per metric and ε (1 = best)"))
+                             "mean rank of each method across shared samples per metric, setting and condition (1 = best)"))
     else:
         r.skipped.append("paired tests and ranking: no metric has two methods on shared samples")
     counts = tables.counts(df)
