@@ -23,13 +23,18 @@ META_KEYS = {"model": ("image_size",), "dataset": ("name", "on_long_caption"), "
 
 def register_resolvers() -> None:
     """``run_dirname``: Hydra's override_dirname, or ``defaults`` when nothing was overridden.
-    ``open_clip_image_size``: the input size of an open_clip architecture (model=open_clip)."""
+    ``open_clip_image_size``: the input size of an open_clip architecture (model=open_clip).
+    ``open_clip_preprocess``: its preprocessing for a pretrained tag (``model.preprocess``)."""
     if not OmegaConf.has_resolver("run_dirname"):
         OmegaConf.register_new_resolver("run_dirname", lambda s: s.replace("/", "_") if s else "defaults")
     if not OmegaConf.has_resolver("open_clip_image_size"):
         from clip_xai.models.openclip import config_image_size
 
         OmegaConf.register_new_resolver("open_clip_image_size", config_image_size)
+    if not OmegaConf.has_resolver("open_clip_preprocess"):
+        from clip_xai.models.openclip import open_clip_preprocess
+
+        OmegaConf.register_new_resolver("open_clip_preprocess", open_clip_preprocess)
 
 
 def group_option(conf_dir: str | Path, group: str, name: str) -> DictConfig:
