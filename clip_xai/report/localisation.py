@@ -40,7 +40,7 @@ def summary_table(loc: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFra
         parts.append(stats.summarise(pert, metrics, [*SETTING, "condition", "eps", "method"], n_boot, seed))
     summary = pd.concat(parts, ignore_index=True)
     s = summary.copy()
-    s["cell"] = [f"{tables.fmt(m)} [{tables.fmt(lo)}, {tables.fmt(hi)}]" for m, lo, hi in zip(s["mean"], s["lo"], s["hi"])]
+    s["cell"] = tables.ci_cells(s["mean"], s["lo"], s["hi"])
     s["eps"] = s["eps"].map(tables.fmt_eps)
     idx = [*SETTING, "condition", "eps", "method"]
     wide = s.pivot_table(index=idx, columns="metric", values="cell", aggfunc="first", sort=False)

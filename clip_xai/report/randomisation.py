@@ -58,7 +58,7 @@ def figure(s: pd.DataFrame, out_dir: Path, name: str = "randomisation") -> list[
 def table(s: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Spearman mean [CI] per setting × mode × method (rows) and randomised state (columns)."""
     d = s[s["metric"] == "rand_spearman"].copy() if "rand_spearman" in set(s["metric"]) else s.copy()
-    d["cell"] = [f"{tables.fmt(m)} [{tables.fmt(lo)}, {tables.fmt(hi)}]" for m, lo, hi in zip(d["mean"], d["lo"], d["hi"])]
+    d["cell"] = tables.ci_cells(d["mean"], d["lo"], d["hi"])
     d = d.sort_values("x")
     wide = d.pivot_table(index=[*SETTING, "mode", "method"], columns="state", values="cell", aggfunc="first", sort=False)
     wide = wide[list(dict.fromkeys(d["state"]))]

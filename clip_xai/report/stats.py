@@ -89,6 +89,20 @@ def _frame(rows: list[dict], tail: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*present, *tail])
 
 
+def wilcoxon_p(diff) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank (statistic, p) of paired differences, with the edge cases
+    fixed here once for every table: all differences zero → (0, 1); a sample scipy refuses (e.g.
+    one pair) → (NaN, NaN)."""
+    d = np.asarray(diff, float)
+    if (d == 0).all():
+        return 0.0, 1.0
+    try:
+        res = wilcoxon(d)
+    except ValueError:
+        return float("nan"), float("nan")
+    return float(res.statistic), float(res.pvalue)
+
+
 def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Wilcoxon signed-rank test for every method pair per metric × ε, Holm-corrected per family."""
     cols = ["metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff",
@@ -101,14 +115,7 @@ def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
             if len(pair) == 0:
                 continue
             d = pair[a] - pair[b]
-            if (d == 0).all():
-                stat, p = 0.0, 1.0
-            else:
-                try:
-                    res = wilcoxon(pair[a], pair[b])
-                    stat, p = float(res.statistic), float(res.pvalue)
-                except ValueError:
-                    stat, p = np.nan, np.nan
+            stat, p = wilcoxon_p(d)
             diff = float(d.mean())
             sign = diff if HIGHER_IS_BETTER[metric] else -diff
             better = a if sign > 0 else b if sign < 0 else "tie"

@@ -46,6 +46,11 @@ def markdown(df: pd.DataFrame, index: bool = False, bold: dict[str, bool] | None
     return "\n".join(lines) + "\n"
 
 
+def ci_cells(means, los, his) -> list[str]:
+    """``mean [lo, hi]`` cells (each value through :func:`fmt`), the one format of every CI table."""
+    return [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in zip(means, los, his)]
+
+
 def fmt_eps(v: Any) -> str:
     """ε as short text ('–' for none)."""
     return "–" if v is None or pd.isna(v) else f"{float(v):g}"
@@ -69,7 +74,7 @@ def _setting(df: pd.DataFrame) -> pd.Series:
 def sensitivity_summary(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Mean [95% CI] per setting × ε × method (rows) and metric (columns)."""
     s = summary.copy()
-    s["cell"] = [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in zip(s["mean"], s["lo"], s["hi"])]
+    s["cell"] = ci_cells(s["mean"], s["lo"], s["hi"])
     idx = [c for c in ["dataset", "model", "perturbation", "eps", "method"] if c in s.columns]
     s = s.sort_values(idx, kind="stable")
     if "eps" in s.columns:
