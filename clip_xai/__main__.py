@@ -18,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_xai.config import build, pick_device, register_resolvers, resolve_precision
+from clip_xai.config import build, pick_device, register_resolvers, resolve_precision, validate
 from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
@@ -35,18 +35,12 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.base import RunContext
     from clip_xai.studies.cache import cache_for
 
+    validate(cfg, CONF_DIR)  # every setting's type and range, before anything is built or written
     device = pick_device(str(cfg.device), job_num)
     precision = resolve_precision(device, str(cfg.precision), announce=True, method=str(cfg.explainer.name),
                                   model=str(cfg.model.name), table_dir=Path(cfg.output_root) / "precision")
     if str(cfg.precision) == "auto":  # config.yaml, the clean-map cache key and every row say what ran
         cfg.precision = precision
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    (run_dir / "environment.json").write_text(json.dumps({
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }, indent=2))
     torch.manual_seed(cfg.seed)
     study = build(cfg, "study")
     explainer = build(cfg, "explainer")  # cheap checks (unknown option, modality) before loading weights
@@ -61,6 +55,14 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     metrics = build(cfg, "metrics")
     explainer.check_requirements(model)  # one clear error naming what the model lacks, before any projection
     announce_if_long(cfg.explainer.name, dict(cfg.explainer), model, device, precision, len(dataset), study.name)
+    # Written once every component is built and checked: a bad setting leaves no run dir behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    (run_dir / "environment.json").write_text(json.dumps({
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }, indent=2))
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
            "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed),
            "precision": precision}

@@ -23,13 +23,18 @@ META_KEYS = {"model": ("image_size",), "dataset": ("name", "on_long_caption"), "
 
 def register_resolvers() -> None:
     """``run_dirname``: Hydra's override_dirname, or ``defaults`` when nothing was overridden.
-    ``open_clip_image_size``: the input size of an open_clip architecture (model=open_clip)."""
+    ``open_clip_image_size``: the input size of an open_clip architecture (model=open_clip).
+    ``open_clip_preprocess``: its preprocessing for a pretrained tag (``model.preprocess``)."""
     if not OmegaConf.has_resolver("run_dirname"):
         OmegaConf.register_new_resolver("run_dirname", lambda s: s.replace("/", "_") if s else "defaults")
     if not OmegaConf.has_resolver("open_clip_image_size"):
         from clip_xai.models.openclip import config_image_size
 
         OmegaConf.register_new_resolver("open_clip_image_size", config_image_size)
+    if not OmegaConf.has_resolver("open_clip_preprocess"):
+        from clip_xai.models.openclip import open_clip_preprocess
+
+        OmegaConf.register_new_resolver("open_clip_preprocess", open_clip_preprocess)
 
 
 def group_option(conf_dir: str | Path, group: str, name: str) -> DictConfig:
@@ -162,3 +167,97 @@ def precision_scope(device: torch.device, precision: str):
 def sample_seed(seed: int, sample_id: str) -> int:
     """A per-sample seed from the global seed and the sample id (stable across batchings)."""
     return int(hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+# Top-level settings: name -> (check, what a valid value is). Each check takes the composed value.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+TOP_LEVEL = {
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: v == "auto" or (_is_int(v) and v >= 0), "auto or an integer >= 0"),
+    "save_examples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "cache": (lambda v: isinstance(v, bool), "true or false"),
+    "name": (lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v, "a non-empty folder name without '/'"),
+    "device": (lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N"),
+    "precision": (lambda v: isinstance(v, str), "a precision name (see conf/config.yaml)"),
+}
+LOGGER = {"name": ("wandb", "none"), "mode": ("offline", "online", "disabled")}
+
+
+def _bad(setting: str, value, valid: str) -> ClipXaiError:
+    return ClipXaiError(f"{setting}={value!r} is not valid", f"set {setting} to {valid}")
+
+
+def _default_type_ok(default, value) -> bool:
+    """A group setting's value against the type of its default in the option's yaml file: an int
+    default wants an int, a float default a number, a bool default a bool, a list default a list.
+    String and null defaults take anything here: their components check the allowed names."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return _is_int(value)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _check_group_types(cfg: DictConfig, group: str, conf_dir: str | Path) -> None:
+    """Every key of ``cfg[group]`` whose default (in ``conf/<group>/<option>.yaml``) is a literal
+    against that default's type. Keys the file sets by interpolation are left to their components."""
+    node = cfg.get(group)
+    option = node.get("name") if node is not None else None
+    path = Path(conf_dir) / group / f"{option}.yaml"
+    if group == "study" or not isinstance(option, str) or not path.is_file():
+        return
+    defaults = group_option(conf_dir, group, option)
+    for key in defaults:
+        if key == "defaults" or OmegaConf.is_interpolation(defaults, key) or key not in node:
+            continue
+        default, value = defaults[key], node[key]
+        if OmegaConf.is_config(default) and not OmegaConf.is_list(default):
+            continue
+        default = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if not _default_type_ok(default, value):
+            kind = type(default).__name__ if default is not None else "value"
+            raise ClipXaiError(f"{group}.{key}={value!r} is not valid: {group}={option} wants a {kind} there "
+                               f"(default {default!r})", f"set {group}.{key} to a {kind}")
+
+
+def validate(cfg: DictConfig, conf_dir: str | Path) -> None:
+    """Check every top-level and group setting of a composed config before anything is built or
+    written: types and ranges of the top-level settings, the logger's choices, each group setting
+    against the type of its default, and settings that depend on the model (``metrics.k`` /
+    ``metrics.text_k`` against the map size ``model.image_size``²). Component constructors then
+    check their own ranges and names (each raises a :class:`ClipXaiError` through :func:`build`)."""
+    for key, (ok, valid) in TOP_LEVEL.items():
+        if key in cfg and not ok(cfg[key]):
+            raise _bad(key, cfg[key], valid)
+    logger = cfg.get("logger") or {}
+    for key, allowed in LOGGER.items():
+        if key in logger and logger[key] not in allowed:
+            raise _bad(f"logger.{key}", logger[key], " or ".join(allowed))
+    if "log_images" in logger and not (_is_int(logger.log_images) and logger.log_images >= 0):
+        raise _bad("logger.log_images", logger.log_images, "an integer >= 0")
+    for group in ("model", "dataset", "explainer", "perturbation", "metrics", "logger"):
+        _check_group_types(cfg, group, conf_dir)
+    limit = OmegaConf.select(cfg, "dataset.limit", default=None)
+    if limit is not None and not (_is_int(limit) and limit >= 1):
+        raise _bad("dataset.limit", limit, "null (every sample) or an integer >= 1")
+    size = OmegaConf.select(cfg, "model.image_size", default=None)
+    if not (_is_int(size) and size >= 1):
+        raise _bad("model.image_size", size, "an integer >= 1 (the model's input side in pixels)")
+    for key in ("k", "text_k"):
+        k = OmegaConf.select(cfg, f"metrics.{key}", default=None)
+        if k is None:
+            continue
+        if not (_is_int(k) and k >= 1):
+            raise _bad(f"metrics.{key}", k, "an integer >= 1")
+        if key == "k" and k > size * size:
+            raise ClipXaiError(f"metrics.k={k} is larger than the map ({size}x{size} = {size * size} pixels at "
+                               f"model.image_size={size})", f"set metrics.k to at most {size * size}")

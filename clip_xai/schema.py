@@ -69,12 +69,14 @@ LOCALISATION_COLUMNS = ID_COLUMNS + [
     "caption_flag",
 ]
 
-# Randomisation rows: one per sample x randomised state. randomisation = cascading (blocks from the
-# top down, block = the last one randomised, n_randomised of them) or independent (only `block`);
-# block -1 / n_randomised 0 = nothing randomised (the similarities must be 1). rand_* compare the
-# original map with the randomised model's map: lower = the map depends more on the weights.
+# Randomisation rows: one per sample x randomised state. randomisation = cascading (units from the
+# output down: head, blocks top first, stem; `unit` = the last one randomised, n_randomised of them)
+# or independent (only `unit`); unit "none" / n_randomised 0 = nothing randomised (the similarities
+# must be 1). unit is "head", "b<i>" or "stem"; block is the same as a number (the block index, the
+# number of blocks for the head, -2 for the stem, -1 for nothing). rand_* compare the original map
+# with the randomised model's map: lower = the map depends more on the weights.
 RANDOMISATION_COLUMNS = ID_COLUMNS + [
-    "tower", "randomisation", "block", "n_randomised", "sim_orig", "sim_rand",
+    "tower", "randomisation", "block", "unit", "n_randomised", "sim_orig", "sim_rand",
     "rand_spearman", "rand_ssim", "rand_topk",
     "sparseness", "complexity", "sparseness_rand", "complexity_rand",
     "map_flag", "caption_flag",
@@ -82,13 +84,39 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
-    "caption_flag": "", "perturbation_params": "", "precision": "",
+    "caption_flag": "", "perturbation_params": "", "precision": "", "unit": "",
     **{c: float("nan") for c in ("linf", "clamped", "objective", "matrix_spearman")},
     **{c: float("nan") for c in ("sim_change", "pred_kept", "target_mass", "target_mass_pert", "mask_drop",
                                  "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
 }
+
+# What identifies a row, beside the method (the explainer and its settings: the report's `method`).
+# Rows of two methods that agree on all of these measured the same thing and are paired; rows that
+# differ in any of them are never averaged together. Grouped by role:
+#   SAMPLE_KEY       which sample (within a dataset)
+#   SETTING_KEY      what was explained: the model and dataset, and which map (image or text)
+#   CONDITION_KEYS   the study's condition of the measurement (perturbation and strength, mask,
+#                    randomised tower and unit); columns a study lacks are absent from its rows
+#   REPEAT_KEY       repeats of the same measurement (the seed): averaged over by the paired tests
+SAMPLE_KEY = ["sample_id"]
+SETTING_KEY = ["dataset", "model", "modality"]
+CONDITION_KEYS = {
+    "sensitivity": ["perturbation", "perturbation_params", "eps"],
+    "faithfulness": [],
+    "localisation": ["mask", "perturbation", "eps"],
+    "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
+}
+REPEAT_KEY = ["seed"]
+
+
+def key_columns(study: str | None = None) -> list[str]:
+    """Every identifying column of a row of `study` (of any study when None), ``study`` first,
+    without the method; the condition columns in schema order."""
+    cond = CONDITION_KEYS[study] if study else [c for cs in CONDITION_KEYS.values() for c in cs]
+    return list(dict.fromkeys(["study", *SETTING_KEY, *cond, *REPEAT_KEY, *SAMPLE_KEY]))
+
 
 # Metric name -> True when higher is better (used by reports and rankings).
 HIGHER_IS_BETTER = {

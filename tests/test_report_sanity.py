@@ -39,7 +39,7 @@ def rand_rows(expl: str, rng) -> pd.DataFrame:
     for mode, block, n, mu in parts:
         v = np.clip(mu + rng.normal(0, 0.01, N), -1, 1) if n else np.ones(N)
         frames.append(pd.DataFrame({**ident(expl, "randomisation"), "tower": "vision", "randomisation": mode,
-                                    "block": block, "n_randomised": n, "sim_orig": 0.3, "sim_rand": 0.2,
+                                    "block": block, "unit": f"b{block}" if n else "none", "n_randomised": n, "sim_orig": 0.3, "sim_rand": 0.2,
                                     "rand_spearman": v, "rand_ssim": v, "rand_topk": v, "sparseness": 0.5,
                                     "complexity": 9.0, "sparseness_rand": 0.5, "complexity_rand": 9.0, "map_flag": ""}))
     return pd.concat(frames, ignore_index=True)[RANDOMISATION_COLUMNS]
@@ -97,4 +97,47 @@ def test_randomisation_figure_and_table(report):
     index = (out / "index.md").read_text()
     assert "Model randomisation" in index and "Localisation" in index
     tests = pd.read_csv(out / "tables" / "wilcoxon.csv")
-    assert "randomisation" not in set(tests["study"])  # per-state rows are not paired across states
+    rnd = tests[(tests["study"] == "randomisation") & (tests["metric"] == "rand_spearman")]
+    # one test per randomised state (never paired across states): none + 4 cascading + 4 independent
+    assert len(rnd) == 9 and (rnd["n"] == N).all()
+    assert rnd.groupby(["randomisation", "unit"]).size().eq(1).all()
+
+
+def _loc(expl: str, mask: str, mu: float, rng) -> pd.DataFrame:
+    df = loc_rows(expl, 0.01, rng).assign(mask=mask)
+    df[LOCALISATION_METRICS] = np.clip(rng.normal(mu, 0.05, (N, len(LOCALISATION_METRICS))), 0, 1)
+    return df
+
+
+def _rnd(expl: str, tower: str, rng) -> pd.DataFrame:
+    return rand_rows(expl, rng).assign(tower=tower, modality="image" if tower == "vision" else "text")
+
+
+def test_two_masks_and_two_towers_are_never_pooled(tmp_path):
+    """Localisation on two masks and randomisation of two towers in one report: every paired test
+    and rank is within one mask / one tower, with every sample of it; a pooled test would show n=2N.
+    The methods' order flips between the masks, so a pooled test would also blur the winner."""
+    rng = np.random.default_rng(1)
+    job = 0
+    for mask, mus in [("entire_object", {"gradcam": 0.8, "rise": 0.4}), ("wings", {"gradcam": 0.3, "rise": 0.7})]:
+        for expl, mu in mus.items():
+            write_run(tmp_path / "runs" / f"loc{job}", {"study": {"name": "localisation"}, "explainer": {"name": expl},
+                                                       "metrics": {"mask": mask}}, _loc(expl, mask, mu, rng))
+            job += 1
+    for tower in ["vision", "text"]:
+        for expl in ["saliency", "selfattn"]:
+            write_run(tmp_path / "runs" / f"rnd{job}", {"study": {"name": "randomisation"},
+                                                       "explainer": {"name": expl}}, _rnd(expl, tower, rng))
+            job += 1
+    make_report([tmp_path / "runs"], out=tmp_path / "report", n_boot=20, seed=0)
+    tests = pd.read_csv(tmp_path / "report" / "tables" / "wilcoxon.csv")
+    loc = tests[(tests["study"] == "localisation") & (tests["metric"] == "pointing_game")].set_index("mask")
+    assert sorted(loc.index) == ["entire_object", "wings"] and (loc["n"] == N).all()
+    assert loc.loc["entire_object", "better"] == "gradcam" and loc.loc["wings", "better"] == "rise"
+    rnd = tests[(tests["study"] == "randomisation") & (tests["metric"] == "rand_spearman")]
+    assert set(rnd["tower"]) == {"vision", "text"} and (rnd["n"] == N).all()
+    assert len(rnd) == 2 * 9  # two towers x (none + 4 cascading + 4 independent states)
+    ranks = pd.read_csv(tmp_path / "report" / "tables" / "ranks.csv")
+    assert (ranks["n_samples"] == N).all() and {"mask", "tower"} <= set(ranks.columns)
+    md = (tmp_path / "report" / "tables" / "wilcoxon.md").read_text()
+    assert "mask=wings" in md and "tower=text" in md

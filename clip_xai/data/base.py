@@ -1,4 +1,4 @@
-"""Shared dataset machinery: records, CLIP-style preprocessing, bad-image policy, subset, collate."""
+"""Shared dataset machinery: records, the model's preprocessing, bad-image policy, subset, collate."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +9,11 @@ from typing import Any, Callable, Literal, Sequence, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.models.preprocess import Preprocess
 from clip_xai.types import Batch
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,15 @@ def load_rgb(source: ImageSource) -> Image.Image:
 
 
 class ImageCaptionDataset(Dataset):
-    """Map-style dataset over `Record`s giving CLIP-preprocessed [0,1] pixels plus caption/label/mask."""
+    """Map-style dataset over `Record`s giving [0,1] pixels in the model's own geometry (``preprocess``:
+    resize mode, interpolation, crop or pad) plus caption/label/mask."""
 
     def __init__(
         self,
         records: Sequence[Record],
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -98,6 +99,8 @@ class ImageCaptionDataset(Dataset):
                 "or use `dataset=sample` for offline use",
             )
         self.image_size = int(image_size)
+        #: the model's own resize mode, interpolation and crop/pad (``model.preprocess``; None = OpenAI CLIP's)
+        self.preprocess = Preprocess.from_config(self.image_size, preprocess)
         self.on_bad_image = on_bad_image
         self.classnames = classnames
         self.total_available = len(records)
@@ -133,19 +136,12 @@ class ImageCaptionDataset(Dataset):
         return item
 
     def _preprocess(self, img: Image.Image) -> torch.Tensor:
-        """CLIP preprocessing without normalisation: bicubic resize of the shorter side, center crop, [0,1]."""
-        img = TF.resize(img, self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        img = TF.center_crop(img, [self.image_size, self.image_size])
-        return TF.pil_to_tensor(img).float().div_(255.0)
+        """The model's preprocessing without normalisation (:meth:`Preprocess.pixels`): [0,1] pixels."""
+        return self.preprocess.pixels(img)
 
     def _preprocess_mask(self, mask: np.ndarray, image_wh: tuple[int, int]) -> torch.Tensor:
-        """Same geometry as the image for a (H,W) mask: nearest resize (to the image first if needed), crop."""
-        m = Image.fromarray(mask.astype(bool).astype(np.uint8) * 255)
-        if m.size != image_wh:
-            m = m.resize(image_wh, Image.NEAREST)
-        m = TF.resize(m, self.image_size, interpolation=InterpolationMode.NEAREST)
-        m = TF.center_crop(m, [self.image_size, self.image_size])
-        return TF.pil_to_tensor(m)[0] > 127
+        """Same geometry as the image for a (H,W) mask (:meth:`Preprocess.mask`)."""
+        return self.preprocess.mask(mask, image_wh)
 
 
 def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:

@@ -69,6 +69,7 @@ class ConceptualCaptionsDataset(ImageCaptionDataset):
         root: str | Path,
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -81,6 +82,6 @@ class ConceptualCaptionsDataset(ImageCaptionDataset):
         else:
             raise root_error(base, _LAYOUT, "dataset.root=/path/to/cc_images_or_file.tsv")
         super().__init__(
-            records, image_size=image_size, limit=limit, subset_seed=subset_seed,
+            records, image_size=image_size, preprocess=preprocess, limit=limit, subset_seed=subset_seed,
             on_bad_image=on_bad_image, where=str(base),
         )

@@ -39,6 +39,7 @@ class Flickr8kDataset(ImageCaptionDataset):
         caption_index: int = 0,
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -71,6 +72,6 @@ class Flickr8kDataset(ImageCaptionDataset):
         if missing:
             log.warning("left out %d Flickr8k image(s) with no caption #%d in %s", missing, caption_index, token_file)
         super().__init__(
-            records, image_size=image_size, limit=limit, subset_seed=subset_seed,
+            records, image_size=image_size, preprocess=preprocess, limit=limit, subset_seed=subset_seed,
             on_bad_image=on_bad_image, where=str(images),
         )

@@ -70,6 +70,7 @@ class ImageNetDataset(ImageCaptionDataset):
         prompt: str = "a photo of a {}",
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -90,6 +91,6 @@ class ImageNetDataset(ImageCaptionDataset):
                 records.append(Record(f"{wnid}/{path.stem}", path, caption, label))
         self.wnids = classes
         super().__init__(
-            records, image_size=image_size, limit=limit, subset_seed=subset_seed,
+            records, image_size=image_size, preprocess=preprocess, limit=limit, subset_seed=subset_seed,
             on_bad_image=on_bad_image, classnames=names, where=str(folder),
         )

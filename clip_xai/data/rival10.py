@@ -103,6 +103,7 @@ class Rival10Dataset(ImageCaptionDataset):
         mask: str = "auto",
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -125,6 +126,6 @@ class Rival10Dataset(ImageCaptionDataset):
         if unknown:
             log.warning("ignored %d image(s) in %s whose wnid is not a RIVAL10 class", unknown, folder)
         super().__init__(
-            records, image_size=image_size, limit=limit, subset_seed=subset_seed,
+            records, image_size=image_size, preprocess=preprocess, limit=limit, subset_seed=subset_seed,
             on_bad_image=on_bad_image, classnames=list(RIVAL10_CLASSES), where=str(folder),
         )

@@ -54,6 +54,7 @@ class SampleDataset(ImageCaptionDataset):
         names: list[str] | None = None,
         *,
         image_size: int = 224,
+        preprocess: dict | None = None,
         limit: int | None = None,
         subset_seed: int = 0,
         on_bad_image: BadImagePolicy = "skip",
@@ -72,6 +73,6 @@ class SampleDataset(ImageCaptionDataset):
             except Exception as exc:  # noqa: BLE001 - data may need a download that fails offline
                 log.warning("sample image %r is unavailable offline, skipping it: %s", name, exc)
         super().__init__(
-            records, image_size=image_size, limit=limit, subset_seed=subset_seed,
+            records, image_size=image_size, preprocess=preprocess, limit=limit, subset_seed=subset_seed,
             on_bad_image=on_bad_image, where="skimage.data",
         )

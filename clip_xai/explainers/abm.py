@@ -7,6 +7,8 @@ there, not from the reference code.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,21 @@ from clip_xai.progress import steps
 from clip_xai.types import TextTokens
 
 GRAD_ACCUMULATION = ("batched", "per_draw")
+
+
+@contextlib.contextmanager
+def in_float64(model: torch.nn.Module):
+    """The model's floating parameters and buffers in float64 inside the block; each comes back in
+    its own dtype on exit (float32 → float64 → float32 is exact, so the weights are restored bit
+    for bit), also on error."""
+    dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.to(torch.float64)
+    try:
+        yield
+    finally:
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in dtypes and t.dtype != dtypes[name]:
+                t.data = t.data.to(dtypes[name])
 
 
 class ABM(Explainer):
@@ -54,6 +71,11 @@ class ABM(Explainer):
       hence the default (README, deviations).
     * ``step_scale`` multiplies the per-element step |z|/T (1.0 = reference). With T = 0 the map
       is the no-bottleneck capacity ½Σ_d(z_d² − 1 − log 1e−9).
+    * ``float64`` (default false): the whole computation (model forward, gradients, steps) in
+      float64, for exact comparisons: the sign step turns float32 rounding in a near-zero gradient
+      sum into a full step, so float32 maps reproduce across implementations only to r ≈ 0.997-0.999
+      on some images, while two float64 implementations agree to ~1e-16. The model is converted for
+      the call and restored bit for bit (:func:`in_float64`); the cost is measured in the docs.
     * ``debug`` (a dict, test hook): when ``record_path`` is true it receives ``z`` and ``path``
       (x⁰..x^T, each (B, N, D)).
     """
@@ -64,8 +86,11 @@ class ABM(Explainer):
 
     def __init__(self, name: str = "abm", modality: str = "image", steps: int = 10, target_layer: int = 9,
                  noise_samples: int = 5, step_scale: float = 1.0, grad_accumulation: str = "batched",
-                 record_path: bool = False):
+                 record_path: bool = False, float64: bool = False):
         super().__init__(name, modality)
+        if not isinstance(float64, bool):
+            raise ClipXaiError(f"abm float64={float64!r} must be true or false", "set explainer.float64=false")
+        self.float64 = float64
         if grad_accumulation not in GRAD_ACCUMULATION:
             raise ClipXaiError(f"abm grad_accumulation={grad_accumulation!r} is not known",
                                "use explainer.grad_accumulation=" + " | ".join(GRAD_ACCUMULATION))
@@ -102,6 +127,12 @@ class ABM(Explainer):
         return total
 
     def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
+        if not self.float64:
+            return self._explain(model, pixels, tokens, seeds)
+        with in_float64(model):
+            return self._explain(model, pixels.double(), tokens, seeds).float()
+
+    def _explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         side = Side(model, self.modality, pixels, tokens)
         layer = side.tower.layer(self.target_layer)
         z, bias = side.hidden(layer)

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,14 @@ class Explainer:
         return frozenset(need)
 
     def check_requirements(self, model: ClipAdapter) -> None:
-        """One ClipXaiError naming the method, the model and what the explained tower lacks."""
+        """One ClipXaiError naming the method, the model and what the explained tower lacks.
+
+        Called on every path that can start work (the entrypoint before anything is announced,
+        ``Study.check``, every ``__call__``); a model that passed once for this modality is
+        remembered (weakly), so the later calls cost a dictionary lookup, not a recheck."""
+        checked = self.__dict__.setdefault("_requirements_checked", weakref.WeakKeyDictionary())
+        if self.modality in checked.get(model, ()):
+            return
         tower = tower_for(model, self.modality)
         lacking = sorted(self.requirements() - tower.provides)
         if lacking:
@@ -127,6 +135,7 @@ class Explainer:
                 "use a class-token ViT CLIP for this method (e.g. model=vit_b16, model=open_clip "
                 "model.arch=ViT-L-14), or a method that needs only the embeddings (explainer=rise)",
             )
+        checked.setdefault(model, set()).add(self.modality)
 
     def __call__(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor | None = None) -> Tensor:
         return self._batched(self.explain, model, pixels, tokens, seeds)

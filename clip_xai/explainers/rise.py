@@ -47,12 +47,22 @@ Choices, all documented deviations or reference reproductions:
 Text (``modality: text``, NIB-style). ``n_masks_text`` 1-D Bernoulli(``p1_text``) grids of
 ``s_text`` cells, linearly upsampled (same rule) to ``(s_text+1)·ceil(n/s_text)`` and cropped at a
 random offset in ``[0, cell)`` to the ``n`` caption (content) tokens of each sample. A mask scales
-the caption tokens' input vectors (the output of ``Tower.embed``; start/end/padding tokens are
-never scaled) before block 0; the score is ``cos(f_T(masked), f_I)``; the map is
-``Σ_k s_k·M_k/(N·p1_text)`` per token (B,L), zero outside the caption. Deviations from NIB: NIB
-scales rows of the token-embedding *table* (so also the special tokens whose ids it passes, and
-before positional embeddings are added); we scale the embedded caption vectors, which includes
-their positional part (and, on AltCLIP, the embedding LayerNorm output). The masks are drawn once
+the tokens' input before block 0 as ``text_scaling`` says; the score is ``cos(f_T(masked), f_I)``;
+the map is ``Σ_k s_k·M_k/(N·p1_text)`` per token (B,L), zero outside the caption.
+
+* ``text_scaling: embedded`` (``rise``): the mask scales the caption tokens' input vectors (the
+  output of ``Tower.embed``: token plus position vectors, on AltCLIP after the embedding
+  LayerNorm); start/end/padding tokens are never scaled.
+* ``text_scaling: token_table`` (``rise_nib``, NIB's ``RISET.forward``): the mask spans the start
+  token, the caption and the end token, and scales the rows of the token-embedding *table* that
+  those positions read, before the position (and AltCLIP's token-type) embeddings are added and
+  before any embedding norm. A token id at several positions has one row, so all of them take the
+  mask of the last one (NIB writes the rows in place in position order). Nothing of the model is
+  modified here: the scaled rows are subtracted from ``Tower.input_embedding``.
+  The map is still reported on the caption tokens only (NIB's array also holds the start and end
+  tokens, which changes its min-max range, not the caption tokens' order).
+
+The masks are drawn once
 per (``mask_seed``, device) and the crop for a caption of ``n`` tokens is a deterministic function
 of ``n``, so the same caption always sees the same masks. NIB uses N=200, s=8, p1=0.1; the
 defaults here use p1=0.5 like the image variant.
@@ -205,6 +215,10 @@ class RiseTextMasks:
         return self._by_length[length]
 
 
+#: How a text mask reaches the model (module docstring, "Text").
+TEXT_SCALINGS = ("embedded", "token_table")
+
+
 class RISE(Explainer):
     """RISE saliency (see module docstring for the reference behaviour and the deviations)."""
 
@@ -214,8 +228,12 @@ class RISE(Explainer):
     def __init__(self, name: str = "rise", modality: str = "image", n_masks: int = 2000, s: int = 8,
                  p1: float = 0.5, chunk: int | str = "auto", mask_seed: int | None = 0, n_masks_text: int = 200,
                  s_text: int = 8, p1_text: float = 0.5, compile: bool | str = False,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", text_scaling: str = "embedded"):
         super().__init__(name, modality)
+        if text_scaling not in TEXT_SCALINGS:
+            raise ClipXaiError(f"rise text_scaling={text_scaling!r} is not known",
+                               f"set explainer.text_scaling to one of {', '.join(TEXT_SCALINGS)}")
+        self.text_scaling = text_scaling
         if chunk != "auto" and (not str(chunk).isdigit() or int(chunk) < 1):
             raise ClipXaiError(f"rise chunk={chunk} must be a positive integer or auto", "set explainer.chunk=auto")
         if compile not in ("auto", True, False):
@@ -349,16 +367,49 @@ class RISE(Explainer):
     # --- text ----------------------------------------------------------------------------------
 
     def _text_scores(self, model: ClipAdapter, tokens: TextTokens, mult: Tensor, target: Tensor) -> Tensor:
-        """Score ``k`` masked variants of every caption: ``mult`` (B, k, L) scales the embedded tokens."""
+        """Score ``k`` masked variants of every caption: ``mult`` (B, k, L) scales the embedded tokens
+        (``embedded``) or each position's token-table row before the other embeddings are added
+        (``token_table``: ``rows·m + rest = input_embedding − rows·(1 − m)``, then the tower's norm)."""
         b, k, length = mult.shape
         tower = model.text
-        x, bias = tower.embed(tokens)
-        rep = torch.arange(b, device=x.device).repeat_interleave(k)
-        x = x[rep] * mult.reshape(b * k, length, 1).to(x.dtype)
+        m = mult.reshape(b * k, length, 1)
+        rep = torch.arange(b, device=mult.device).repeat_interleave(k)
+        if self.text_scaling == "embedded":
+            x, bias = tower.embed(tokens)
+            x = x[rep] * m.to(x.dtype)
+        else:
+            e, bias = tower.input_embedding(tokens)
+            rows = tower.token_rows(tokens.ids)
+            x = tower.embedding_norm(e[rep] - rows[rep] * (1 - m.to(e.dtype)))
         bias = repeat_bias(bias, b, k)  # per-sample (padding) bias follows its rows
         x, _ = tower.run(x, bias)
         emb = F.normalize(tower.pool(x, tokens.index(rep)).float(), dim=-1)
         return (emb.view(b, k, -1) * target.float()[:, None]).sum(-1)
+
+    def _text_multipliers(self, tokens: TextTokens, masks: RiseTextMasks) -> tuple[Tensor, Tensor]:
+        """Per-sample (B, N, L) masks: (each position's own mask value, the value applied to it).
+
+        ``embedded``: the caption tokens get their mask, every other position 1; both the same.
+        ``token_table``: the mask spans the start token, the caption and the end token (NIB's
+        ``tid``); a token id that occurs at several positions has one table row, so every one of
+        them is scaled by the mask of its last position (NIB's in-place row write, later wins)."""
+        content = tokens.content_mask.bool()
+        b, length = content.shape
+        full = torch.ones(b, masks.n, length, device=content.device)
+        table = self.text_scaling == "token_table"
+        applied = full.clone() if table else full
+        for i in range(b):
+            n = int(content[i].sum())
+            pos = torch.arange(n + 2, device=content.device) if table else content[i].nonzero().squeeze(-1)
+            if pos.numel() == 0:
+                continue
+            full[i][:, pos] = masks.for_length(pos.numel())
+            if table:
+                ids = tokens.ids[i, pos]
+                same = ids[:, None] == ids[None, :]  # (P, P): positions sharing a row
+                last = torch.where(same, torch.arange(pos.numel(), device=ids.device), -1).amax(dim=1)
+                applied[i][:, pos] = full[i][:, pos][:, last]
+        return full, applied
 
     def explain_text(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         target = image_target(model, pixels)
@@ -366,18 +417,13 @@ class RISE(Explainer):
         b, length = content.shape
         device = tokens.ids.device
         masks = self.text_masks(device)
-        # Per-sample (N, L) multipliers: the caption tokens get their mask, everything else 1.
-        full = torch.ones(b, masks.n, length, device=device)
-        for i in range(b):
-            pos = content[i].nonzero().squeeze(-1)
-            if pos.numel():
-                full[i][:, pos] = masks.for_length(pos.numel())
+        full, applied = self._text_multipliers(tokens, masks)
         sal = torch.zeros(b, length, device=device)
         per_pass = self.per_pass(b, self.chunk_size(model, device))
         with torch.no_grad(), progress.task(masks.n, self.name, "mask", b) as done:
             for start in range(0, masks.n, per_pass):
-                mult = full[:, start : start + per_pass]  # (B,k,L)
-                scores = self._text_scores(model, tokens, mult, target)  # (B,k)
+                mult = full[:, start : start + per_pass]  # (B,k,L): what each position's mask says
+                scores = self._text_scores(model, tokens, applied[:, start : start + per_pass], target)  # (B,k)
                 sal += torch.einsum("bk,bkl->bl", scores, mult)
                 done.update(mult.shape[1])
         sal = sal / (masks.n * masks.p1)

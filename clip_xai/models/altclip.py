@@ -31,12 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, Tower
+from clip_xai.models.base import BlockOps, Tower, square_size
 from clip_xai.models.hf_clip import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     HfDualEncoder,
-    as_int,
+    clip_processor,
     load_pretrained,
     merge_config,
     random_model,
@@ -97,6 +95,9 @@ class AltClipText(Tower):
     Embeddings → post-LN blocks → pre_LN → transformation → state at position 0 → text_projection.
     """
 
+    stem_paths = ("text_model.roberta.embeddings",)
+    head_paths = ("text_model.pre_LN", "text_model.transformation", "text_projection")
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.text_model = model.text_model
@@ -127,6 +128,9 @@ class AltClipText(Tower):
 
     def embedding_norm(self, e: Tensor) -> Tensor:
         return self.text_model.roberta.embeddings.LayerNorm(e)
+
+    def token_rows(self, ids: Tensor) -> Tensor:
+        return self.text_model.roberta.embeddings.word_embeddings(ids)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
@@ -192,7 +196,7 @@ class AltClipAdapter(HfDualEncoder):
                 raise ClipXaiError(f"text vocab_size {cfg['text_config']['vocab_size']} is smaller than the "
                                    f"{len(tokenizer)}-piece test tokenizer", "leave text vocab_size unset")
             model = random_model(AltCLIPModel, AltCLIPConfig, cfg, seed)
-            processor = _make_processor(tokenizer, as_int(model.config.vision_config.image_size))
+            processor = _make_processor(tokenizer, square_size(model.config.vision_config.image_size))
         else:
             source, model = load_pretrained(AltCLIPModel, "AltCLIP", repo_id, pretrained, cache_dir,
                                             config_overrides)
@@ -226,11 +230,9 @@ class AltClipAdapter(HfDualEncoder):
 
 def _make_processor(tokenizer, image_size: int):
     """AltCLIPProcessor (CLIP image processor with OpenAI mean/std + the tokenizer) for random models."""
-    from transformers import AltCLIPProcessor, CLIPImageProcessor
+    from transformers import AltCLIPProcessor
 
-    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                            image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
-    return AltCLIPProcessor(image_processor=ip, tokenizer=tokenizer)
+    return clip_processor(AltCLIPProcessor, tokenizer, image_size)
 
 
 def _load_processor(source: str, cache_dir: str | None, model: nn.Module):
@@ -251,6 +253,6 @@ def _load_processor(source: str, cache_dir: str | None, model: nn.Module):
     except (OSError, ValueError, TypeError) as err:
         tiny = tiny_xlmr_tokenizer()
         if model.config.text_config.vocab_size == len(tiny):
-            return _make_processor(tiny, as_int(model.config.vision_config.image_size)), tiny
+            return _make_processor(tiny, square_size(model.config.vision_config.image_size)), tiny
         raise ClipXaiError(f"no tokenizer found with the AltCLIP weights in {source}: {err}",
                            "save the processor/tokenizer next to the model (AltClipAdapter.save_pretrained)") from err

@@ -80,6 +80,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor
     return probs @ v, probs
 
 
+def square_size(size, what: str = "image/patch size") -> int:
+    """A square size given as one int or a pair (open_clip and HF configs use both) as one int."""
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if len(set(size)) != 1:
+        raise ClipXaiError(f"non-square {what} {size} is not supported", f"use a model with a square {what}")
+    return int(size[0])
+
+
+class PixelInput:
+    """Mixin of the vision towers (every backend): the [0,1]-pixel normalisation with the model's own
+    mean/std (``mean``/``std`` buffers, (1,3,1,1)) and the input-size check."""
+
+    image_size: int
+
+    def _set_pixels(self, image_size: int, mean: tuple, std: tuple) -> None:
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ClipXaiError(
+                f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
+                f"set model.image_size={self.image_size} (the dataset transform resizes to it)",
+            )
+        return (pixels - self.mean) / self.std
+
+
 class BlockOps:
     """One transformer block decomposed as pre_attn → qkv → attention → out_proj → post_attn.
 
@@ -148,6 +176,11 @@ class Tower(nn.Module):
 
     blocks: list[BlockOps]
     width: int
+    #: Attribute paths (from the tower) of the weights used before block 0 (patch or token
+    #: embedding, class and position embeddings, the norm before block 0) and after the last block
+    #: (final norm, pooler, projection). Model randomisation re-draws them as the stem and the head.
+    stem_paths: tuple[str, ...] = ()
+    head_paths: tuple[str, ...] = ()
     #: capability → why this tower lacks it (see :data:`CAPABILITIES`); empty = it has them all.
     missing: dict[str, str] = {}
 
@@ -177,6 +210,12 @@ class Tower(nn.Module):
         """The normalisation between :meth:`input_embedding` and block 0 (identity when there is none)."""
         return e
 
+    def token_rows(self, ids: Tensor) -> Tensor:
+        """Text towers: the token-embedding table's rows for ``ids`` (B, L, D), the part of
+        :meth:`input_embedding` that NIB's text RISE scales (before positions are added)."""
+        raise ClipXaiError(f"{type(self).__name__} has no token-embedding table",
+                           "use a text tower (explainer.modality=text)")
+
     def pool_index(self, inputs) -> Tensor:
         raise NotImplementedError
 
@@ -185,6 +224,22 @@ class Tower(nn.Module):
 
     def project_tokens(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters of ``part`` = ``"stem"`` or ``"head"`` (see ``stem_paths``/``head_paths``),
+        each tensor once, in path order; paths that are absent or None (no ``ln_pre``, no
+        projection) give none."""
+        out, seen = [], set()
+        for path in {"stem": self.stem_paths, "head": self.head_paths}[part]:
+            obj = self
+            for name in path.split("."):
+                obj = getattr(obj, name, None)
+            params = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters()) if isinstance(obj, nn.Module) else []
+            for q in params:
+                if id(q) not in seen:
+                    seen.add(id(q))
+                    out.append(q)
+        return out
 
     def layer(self, index: int) -> int:
         """Normalise a possibly negative block index (−1 = last block)."""

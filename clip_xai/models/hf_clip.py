@@ -29,13 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, ClipAdapter, Tower
+from clip_xai.models.base import BlockOps, ClipAdapter, PixelInput, Tower, square_size
+from clip_xai.models.preprocess import OPENAI_MEAN, OPENAI_STD
 from clip_xai.models.weights import OFFLINE_FIX, ensure_reachable_hf
 from clip_xai.types import TextTokens
 
 # CLIP (OpenAI) normalisation, the values of the OpenAI CLIPImageProcessor.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Small random CLIP used when ``pretrained=false`` (overridable with ``config_overrides``):
 # ViT-B/32-shaped (patch 32, QuickGELU) but 12 blocks of width 64.
@@ -75,18 +74,12 @@ class HfClipBlock(BlockOps):
         return x + self.layer.mlp(self.layer.layer_norm2(x))
 
 
-def as_int(size, what: str = "image/patch size") -> int:
-    """A square HF size (int or pair) as one int."""
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ClipXaiError(f"non-square {what} {size} is not supported", "use a square image_size and patch_size")
-        return int(size[0])
-    return int(size)
-
-
-class HfClipVision(Tower):
+class HfClipVision(PixelInput, Tower):
     """HF CLIP ViT (CLIPModel, AltCLIPModel): patches + CLS + pos → pre_layrnorm → blocks →
     post_layernorm[CLS] → visual_projection."""
+
+    stem_paths = ("vision_model.embeddings", "vision_model.pre_layrnorm")
+    head_paths = ("vision_model.post_layernorm", "visual_projection")
 
     def __init__(self, model: nn.Module, mean: tuple, std: tuple):
         super().__init__()
@@ -94,19 +87,12 @@ class HfClipVision(Tower):
         self.visual_projection = model.visual_projection
         self.blocks = [HfClipBlock(layer) for layer in self.vision_model.encoder.layers]
         self.width = self.vision_model.config.hidden_size
-        self.image_size = as_int(self.vision_model.config.image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._set_pixels(square_size(self.vision_model.config.image_size, "image size"), mean, std)
 
     def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ClipXaiError(
-                f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
-                f"set model.image_size={self.image_size} (the dataset transform resizes to it)",
-            )
         emb = self.vision_model.embeddings
         w = emb.patch_embedding.weight
-        x = emb.patch_embedding(((pixels - self.mean) / self.std).to(w.dtype))
+        x = emb.patch_embedding(self.normalise(pixels).to(w.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -128,6 +114,9 @@ class HfClipVision(Tower):
 class HfClipText(Tower):
     """HF CLIP text transformer: embeddings → causal pre-LN blocks → final_layer_norm[EOS] → text_projection."""
 
+    stem_paths = ("text_model.embeddings",)
+    head_paths = ("text_model.final_layer_norm", "text_projection")
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.text_model = model.text_model
@@ -141,6 +130,9 @@ class HfClipText(Tower):
         x = emb.token_embedding(tokens.ids) + emb.position_embedding.weight[:n]
         causal = torch.full((n, n), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
         return x, causal
+
+    def token_rows(self, ids: Tensor) -> Tensor:
+        return self.text_model.embeddings.token_embedding(ids)
 
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
@@ -236,12 +228,14 @@ def clip_bpe_tokenizer(model_max_length: int = 77):
                          pad_token="<|endoftext|>")
 
 
-def _clip_processor(tokenizer, image_size: int):
-    from transformers import CLIPImageProcessor, CLIPProcessor
+def clip_processor(processor_cls, tokenizer, image_size: int):
+    """``processor_cls`` (``CLIPProcessor``, ``AltCLIPProcessor``) of ``tokenizer`` and a CLIP image
+    processor (shorter side to ``image_size``, centre crop, OpenAI mean/std), for random models."""
+    from transformers import CLIPImageProcessor
 
     ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                             image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
-    return CLIPProcessor(image_processor=ip, tokenizer=tokenizer)
+    return processor_cls(image_processor=ip, tokenizer=tokenizer)
 
 
 class HfDualEncoder(ClipAdapter):
@@ -262,7 +256,7 @@ class HfDualEncoder(ClipAdapter):
         self.vision = HfClipVision(model, mean, std)
         self.text = text
         self.image_size = self.vision.image_size
-        self.patch_size = as_int(model.config.vision_config.patch_size)
+        self.patch_size = square_size(model.config.vision_config.patch_size)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the model and its processor (or tokenizer) so that ``pretrained=directory`` reloads them."""
@@ -307,7 +301,9 @@ class HfClipAdapter(HfDualEncoder):
                 raise ClipXaiError(f"text vocab_size {cfg['text_config']['vocab_size']} differs from the "
                                    f"{len(tokenizer)}-id CLIP tokenizer", "leave text vocab_size at 49408")
             model = random_model(CLIPModel, CLIPConfig, cfg, seed)
-            processor = _clip_processor(tokenizer, as_int(cfg["vision_config"]["image_size"]))
+            from transformers import CLIPProcessor
+
+            processor = clip_processor(CLIPProcessor, tokenizer, square_size(cfg["vision_config"]["image_size"]))
         else:
             source, model = load_pretrained(CLIPModel, "CLIP", repo_id, pretrained, cache_dir, config_overrides)
             try:
@@ -364,7 +360,7 @@ def hf_clip_from_open_clip(oc_model: nn.Module):
                 "hidden_act": "quick_gelu" if isinstance(blk.mlp.gelu, QuickGELU) else "gelu",
                 "layer_norm_eps": blk.ln_1.eps}
 
-    vision = {**tower(v.transformer), "image_size": as_int(v.image_size), "patch_size": as_int(v.patch_size)}
+    vision = {**tower(v.transformer), "image_size": square_size(v.image_size), "patch_size": square_size(v.patch_size)}
     text = {**tower(t.transformer), "vocab_size": t.token_embedding.num_embeddings,
             "max_position_embeddings": t.positional_embedding.shape[0],
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}

@@ -5,7 +5,8 @@ Vision towers:
 
 * open_clip's own ``VisionTransformer`` (ViT-S/M/B/L/H/g/bigG, ``-quickgelu`` or not, any image
   size and patch size, ``plus`` widths, CLIPA): run block by block (:class:`OpenClipVision`).
-  Image size, patch grid, mean/std and interpolation come from the built model and its
+  Image size and patch grid come from the built model; the preprocessing (resize mode,
+  interpolation, crop, mean/std: ``model.preprocess``, :func:`open_clip_preprocess`) from its
   pretrained config. Pooling: class token (``pool_type='tok'``), average of the patch tokens
   (``'avg'``, CLIPA) with or without ``final_ln_after_pool``, and attentional pooling (CoCa
   style, ``attn_pool``); layer scale (``ls_1``/``ls_2``) and ``no_ln_pre`` are applied as the
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, Tower
+from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, square_size
+from clip_xai.models.preprocess import Preprocess
 from clip_xai.models.weights import ensure_reachable_weights
 from clip_xai.types import TextTokens
 
@@ -79,44 +81,23 @@ def _blocks(transformer: nn.Module, where: str) -> list[OpenClipBlock]:
     return [OpenClipBlock(b) for b in transformer.resblocks]
 
 
-def _square(size, what: str) -> int:
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    if len(set(size)) != 1:
-        raise ClipXaiError(f"non-square {what} {size} is not supported", f"use a model with a square {what}")
-    return int(size[0])
-
-
-class _PixelInput:
-    """Shared by the vision towers: normalisation buffers and the input-size check."""
-
-    def _set_pixels(self, image_size: int, mean: tuple, std: tuple) -> None:
-        self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def normalise(self, pixels: Tensor) -> Tensor:
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ClipXaiError(
-                f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
-                f"set dataset.image_size={self.image_size} (the model configs set it from the architecture)",
-            )
-        return (pixels - self.mean) / self.std
-
-
-class OpenClipVision(_PixelInput, Tower):
+class OpenClipVision(PixelInput, Tower):
     """open_clip VisionTransformer: conv patches + CLS + pos → ln_pre → blocks → pooling head.
 
     The head follows ``VisionTransformer._pool`` of open_clip 3.x: class token or patch average,
     ``ln_post`` before or after pooling, or an attentional pooler; then ``@ proj``.
     """
 
+    stem_paths = ("visual.conv1", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre")
+    head_paths = ("visual.attn_pool", "visual.ln_post", "visual.proj")
+
     def __init__(self, visual: nn.Module, mean: tuple, std: tuple):
         super().__init__()
         self.visual = visual
         self.blocks = _blocks(visual.transformer, "vision")
         self.width = visual.transformer.width
-        self._set_pixels(_square(visual.image_size, "image size"), mean, std)
-        self.patch_size = _square(visual.patch_size, "patch size")
+        self._set_pixels(square_size(visual.image_size, "image size"), mean, std)
+        self.patch_size = square_size(visual.patch_size, "patch size")
         self.attn_pool = getattr(visual, "attn_pool", None)
         self.pool_type = visual.pool_type
         self.missing = {}
@@ -168,7 +149,7 @@ class OpenClipVision(_PixelInput, Tower):
         return x if self.visual.proj is None else x @ self.visual.proj
 
 
-class OpaqueVision(_PixelInput, Tower):
+class OpaqueVision(PixelInput, Tower):
     """An image encoder run as ONE native module (ModifiedResNet, timm trunks): embeddings only.
 
     ``embed`` normalises the pixels, there are no blocks, and ``pool`` runs the whole encoder, so
@@ -205,6 +186,9 @@ class OpenClipText(Tower):
     open_clip 3.x configs cannot turn on its ``use_pad_mask``; such a tower is refused.
     """
 
+    stem_paths = ("src.token_embedding", "src.positional_embedding")
+    head_paths = ("src.ln_final", "src.text_projection")
+
     def __init__(self, model: nn.Module):
         super().__init__()
         src = getattr(model, "text", model)
@@ -233,6 +217,9 @@ class OpenClipText(Tower):
         x = m.token_embedding(tokens.ids) + m.positional_embedding[:n]
         return x, None if m.attn_mask is None else m.attn_mask[:n, :n].to(x.dtype)
 
+    def token_rows(self, ids: Tensor) -> Tensor:
+        return self.src.token_embedding(ids)
+
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
 
@@ -254,6 +241,23 @@ def _register_local_configs(arch: str) -> None:
     config_file = CONFIG_DIR / f"{arch}.json"
     if config_file.exists():
         open_clip.add_model_config(config_file)
+
+
+def open_clip_preprocess(arch: str, pretrained: str | None) -> dict:
+    """``model.preprocess`` of an open_clip model, as ``open_clip.create_model`` sets it: open_clip's
+    defaults, then the architecture config's ``preprocess_cfg``, then the pretrained tag's config
+    (``open_clip.pretrained.get_pretrained_cfg``: metadata only, nothing is downloaded). With a
+    checkpoint path or no weights: the defaults and the architecture's config."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    _register_local_configs(arch)
+    cfg = merge_preprocess_dict(PreprocessCfg(), (open_clip.get_model_config(arch) or {}).get("preprocess_cfg", {}))
+    tag = None if pretrained in (None, "", False) else str(pretrained)
+    if tag is not None and not _is_path(tag):
+        cfg = merge_preprocess_dict(cfg, open_clip.pretrained.get_pretrained_cfg(arch, tag) or {})
+    keys = ("resize_mode", "interpolation", "mean", "std", "fill_color")
+    return Preprocess.from_config(224, {k: cfg[k] for k in keys}).as_config()
 
 
 def config_image_size(arch: str) -> int:
@@ -283,7 +287,7 @@ class OpenClipAdapter(ClipAdapter):
     """
 
     def __init__(self, name: str, arch: str, pretrained: str | None = None, seed: int = 0,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, preprocess: dict | None = None):
         super().__init__()
         import open_clip
 
@@ -313,15 +317,16 @@ class OpenClipAdapter(ClipAdapter):
         self.arch = arch
         self.pretrained = pretrained
         pre = getattr(model.visual, "preprocess_cfg", {}) or {}
-        mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
-        #: resize interpolation of the pretrained preprocessing (the dataset transform is bicubic)
-        self.interpolation = str(pre.get("interpolation", "bicubic"))
+        size = square_size(pre.get("size", getattr(model.visual, "image_size", 224)), "image size")
+        #: the model's own preprocessing (``model.preprocess``: by default the pretrained tag's, see
+        #: :func:`open_clip_preprocess`); the dataset transform applies its geometry, the tower its mean/std
+        self.preprocess = Preprocess.from_config(size, preprocess if preprocess is not None
+                                                 else open_clip_preprocess(arch, pretrained))
+        mean, std = self.preprocess.mean, self.preprocess.std
         if hasattr(model.visual, "transformer") and hasattr(model.visual, "conv1"):
             self.vision = OpenClipVision(model.visual, mean, std)
             self.patch_size = self.vision.patch_size
         else:
-            size = _square(pre.get("size", getattr(model.visual, "image_size", 224)), "image size")
             kind = "timm trunk" if type(model.visual).__name__ == "TimmModel" else type(model.visual).__name__
             self.vision = OpaqueVision(model.visual, size, mean, std, kind)
             self.patch_size = None

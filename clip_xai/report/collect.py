@@ -15,7 +15,7 @@ import yaml
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import (CONFIG_FILE, DONE_FILE, EXAMPLES_FILE, FAITHFULNESS_COLUMNS, HIGHER_IS_BETTER,
                              LOCALISATION_COLUMNS, OPTIONAL_COLUMNS, RANDOMISATION_COLUMNS, RESULTS_FILE,
-                             SENSITIVITY_COLUMNS)
+                             SENSITIVITY_COLUMNS, key_columns)
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,9 @@ SWEEP_FILE = "multirun.yaml"  # Hydra writes it into the sweep dir of a --multir
 REPORT_MARKER = ".clip_xai_report"  # written into report output dirs so they are never read as runs
 STUDY_COLUMNS = {"sensitivity": SENSITIVITY_COLUMNS, "faithfulness": FAITHFULNESS_COLUMNS,
                  "localisation": LOCALISATION_COLUMNS, "randomisation": RANDOMISATION_COLUMNS}
-# Rows with the same values here, from different runs, describe the same measurement.
-ROW_KEY = ["study", "method", "sample_id", "dataset", "model", "perturbation", "eps", "seed",
-           "mask", "tower", "randomisation", "block"]  # (localisation / randomisation rows)
+# Rows with the same values here, from different runs, describe the same measurement: the method
+# and every identifying column of the results schema.
+ROW_KEY = ["method", *key_columns()]
 RUN_FIX = "pass dirs that hold clip-xai runs (run dirs with results.parquet and DONE, or sweep dirs above them)"
 
 
@@ -171,7 +171,7 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
                     and not (pd.isna(ra[c]) and pd.isna(rb[c])) and ra[c] != rb[c]]
             raise ClipXaiError(
                 f"runs {a} and {b} both hold different results for method {clash.iloc[0]['method']!r} on the same "
-                f"samples (same study, dataset, model, perturbation, eps and seed); their configs differ in "
+                f"samples (the same identifying columns: {', '.join(key_columns())}); their configs differ in "
                 f"{diff or 'nothing'}",
                 "report them separately (one call each), or pass only one of them")
     return df2.reset_index(drop=True), int(exact.sum())

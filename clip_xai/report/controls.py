@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from scipy.stats import wilcoxon
 
 from clip_xai.report import figures, stats, tables
 
@@ -69,7 +68,7 @@ def excess_table(sens: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: f
                     rows.append({**dict(zip([*SETTING, "method", "eps"], key)), "metric": metric, "attack": a,
                                  "control": c, "n": len(pair), "mean_attack": float(pair["a"].mean()),
                                  "mean_control": float(pair["c"].mean()), "excess": mean, "lo": lo, "hi": hi,
-                                 "p": _wilcoxon_p(diff)})
+                                 "p": stats.wilcoxon_p(diff)[1]})
     out = pd.DataFrame(rows, columns=cols)
     if out.empty:
         return out
@@ -79,23 +78,12 @@ def excess_table(sens: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: f
     return out
 
 
-def _wilcoxon_p(diff: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p of paired differences (1 when all are zero, NaN for one pair)."""
-    if (diff == 0).all():
-        return 1.0
-    try:
-        return float(wilcoxon(diff).pvalue)
-    except ValueError:
-        return float("nan")
-
-
 def excess_md(table: pd.DataFrame) -> str:
     """Markdown: one section per setting × metric; cells ``excess [lo, hi]``, p_holm beside."""
     parts = []
     for key, g in table.groupby([*SETTING, "metric"], sort=True, dropna=False):
         t = g.assign(eps=g["eps"].map(tables.fmt_eps),
-                     excess=[f"{tables.fmt(m)} [{tables.fmt(lo)}, {tables.fmt(hi)}]"
-                             for m, lo, hi in zip(g["excess"], g["lo"], g["hi"])],
+                     excess=tables.ci_cells(g["excess"], g["lo"], g["hi"]),
                      significant=g["significant"].map({True: "yes", False: "no"}))
         t = t[["method", "eps", "attack", "control", "n", "mean_attack", "mean_control", "excess", "p_holm",
                "significant"]]

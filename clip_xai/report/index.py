@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -12,35 +11,11 @@ from clip_xai.report import controls, figures, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import matrices as matrices_report
 from clip_xai.report import randomisation as randomisation_report
-from clip_xai.report.collect import REPORT_MARKER, Collection, collect, example_index
+from clip_xai.report.collect import REPORT_MARKER, collect, example_index
+from clip_xai.report.contents import Item, Report
 from clip_xai.schema import DONE_FILE
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """One figure or table of the report: its files and a one-line description."""
-
-    title: str
-    paths: list[Path]
-    what: str
-
-
-@dataclass
-class Report:
-    """What make_report wrote and why anything was left out."""
-
-    out_dir: Path
-    index: Path
-    collection: Collection
-    figures: list[Item] = field(default_factory=list)
-    tables: list[Item] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def files(self) -> list[Path]:
-        """Every figure and table file written."""
-        return [p for it in [*self.figures, *self.tables] for p in it.paths]
 
 
 def _sensitivity(r: Report, sens: pd.DataFrame, n_boot: int, seed: int, grid_eps: float | None,
@@ -192,16 +167,15 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
                              "abm mean per metric with cfg.explainer.target_layer as rows, cfg.explainer.steps as columns"))
     else:
         r.skipped.append("ablation layer × T: no abm runs sweeping cfg.explainer.target_layer / cfg.explainer.steps")
-    paired = df[df["study"] != "randomisation"]  # its rows are per randomised state: see its own figure
-    tests, ranks = stats.paired_tests(paired), stats.rank_table(paired)
+    tests, ranks = stats.paired_tests(df), stats.rank_table(df)  # families keep every study's conditions apart
     if len(tests):
         r.tables.append(Item("Paired tests", tables.write(tests, tables.wilcoxon_md(tests), tabdir, "wilcoxon",
                                                           "Paired method comparisons (Wilcoxon + Holm)"),
                              "Wilcoxon signed-rank p-values per method pair on shared samples, Holm-corrected "
-                             "within metric × ε, with the better method"))
+                             "within metric × study × setting × condition, with the better method"))
         r.tables.append(Item("Ranking", tables.write(ranks, tables.ranks_md(ranks), tabdir, "ranks",
                                                      "Mean rank of methods per metric and ε"),
-                             "mean rank of each method across shared samples per metric and ε (1 = best)"))
+                             "mean rank of each method across shared samples per metric, setting and condition (1 = best)"))
     else:
         r.skipped.append("paired tests and ranking: no metric has two methods on shared samples")
     counts = tables.counts(df)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from clip_xai.report import stats, tables
+from clip_xai.report.contents import Item, Report
 from clip_xai.report.bands import band_grid
 from clip_xai.schema import HIGHER_IS_BETTER, LOCALISATION_METRICS
 
@@ -39,7 +40,7 @@ def summary_table(loc: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFra
         parts.append(stats.summarise(pert, metrics, [*SETTING, "condition", "eps", "method"], n_boot, seed))
     summary = pd.concat(parts, ignore_index=True)
     s = summary.copy()
-    s["cell"] = [f"{tables.fmt(m)} [{tables.fmt(lo)}, {tables.fmt(hi)}]" for m, lo, hi in zip(s["mean"], s["lo"], s["hi"])]
+    s["cell"] = tables.ci_cells(s["mean"], s["lo"], s["hi"])
     s["eps"] = s["eps"].map(tables.fmt_eps)
     idx = [*SETTING, "condition", "eps", "method"]
     wide = s.pivot_table(index=idx, columns="metric", values="cell", aggfunc="first", sort=False)
@@ -66,10 +67,8 @@ def curves(summary: pd.DataFrame, out_dir: Path, name: str = "localisation_vs_ep
     return band_grid(d, SETTING, metrics, "eps", out_dir, name, label)
 
 
-def section(r, loc: pd.DataFrame, n_boot: int, seed: int) -> None:
-    """Add the localisation table and figure to report ``r`` (a :class:`clip_xai.report.index.Report`)."""
-    from clip_xai.report.index import Item
-
+def section(r: Report, loc: pd.DataFrame, n_boot: int, seed: int) -> None:
+    """Add the localisation table and figure to report ``r`` ."""
     if not any(loc[m].notna().any() for m in LOCALISATION_METRICS):
         r.skipped.append("localisation table: every localisation row is NaN (see map_flag counts: empty_mask, no_mask)")
         return

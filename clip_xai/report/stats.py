@@ -8,12 +8,15 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
-from clip_xai.schema import HIGHER_IS_BETTER
+from clip_xai.schema import HIGHER_IS_BETTER, REPEAT_KEY, SAMPLE_KEY, key_columns
 
-# Rows of two methods are paired when they share these (within one family, see FAMILY).
-PAIR_KEY = ["sample_id", "dataset", "model"]
-# One family of tests (Holm-corrected together) / one ranking: a metric at one perturbation strength.
-FAMILY = ["study", "perturbation", "eps"]
+# Both derived from the results schema's identifying columns (schema.key_columns), so every study's
+# rows are tested and none are pooled across conditions: one family of tests (Holm-corrected
+# together) / one ranking = a metric within one study × setting (dataset, model, image or text map)
+# × condition (perturbation and ε, mask, randomised tower and unit, ...); within a family, rows of
+# two methods are paired by sample, and repeats (seeds) of a method on a sample are averaged.
+PAIR_KEY = SAMPLE_KEY
+FAMILY = [c for c in key_columns() if c not in (*SAMPLE_KEY, *REPEAT_KEY)]
 
 
 def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, level: float = 0.95,
@@ -69,7 +72,8 @@ def study_metrics(df: pd.DataFrame) -> list[str]:
 
 
 def _families(df: pd.DataFrame):
-    """Yield (family dict, metric, wide frame: PAIR_KEY rows × method columns, mean over repeats)."""
+    """Yield (family dict, metric, wide frame: PAIR_KEY rows × method columns, mean over repeats).
+    FAMILY columns absent from ``df`` are left out; those a study lacks are NaN in its rows."""
     fam_cols = [c for c in FAMILY if c in df.columns]
     for key, g in df.groupby(fam_cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -79,9 +83,29 @@ def _families(df: pd.DataFrame):
             yield fam, metric, wide
 
 
+def _frame(rows: list[dict], tail: list[str]) -> pd.DataFrame:
+    """Rows with the family columns they carry first (in FAMILY order), then ``tail``."""
+    present = [c for c in FAMILY if any(c in r for r in rows)]
+    return pd.DataFrame(rows, columns=[*present, *tail])
+
+
+def wilcoxon_p(diff) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank (statistic, p) of paired differences, with the edge cases
+    fixed here once for every table: all differences zero → (0, 1); a sample scipy refuses (e.g.
+    one pair) → (NaN, NaN)."""
+    d = np.asarray(diff, float)
+    if (d == 0).all():
+        return 0.0, 1.0
+    try:
+        res = wilcoxon(d)
+    except ValueError:
+        return float("nan"), float("nan")
+    return float(res.statistic), float(res.pvalue)
+
+
 def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Wilcoxon signed-rank test for every method pair per metric × ε, Holm-corrected per family."""
-    cols = [*FAMILY, "metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff",
+    cols = ["metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff",
             "statistic", "p", "p_holm", "better", "significant"]
     out = []
     for fam, metric, wide in _families(df):
@@ -91,14 +115,7 @@ def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
             if len(pair) == 0:
                 continue
             d = pair[a] - pair[b]
-            if (d == 0).all():
-                stat, p = 0.0, 1.0
-            else:
-                try:
-                    res = wilcoxon(pair[a], pair[b])
-                    stat, p = float(res.statistic), float(res.pvalue)
-                except ValueError:
-                    stat, p = np.nan, np.nan
+            stat, p = wilcoxon_p(d)
             diff = float(d.mean())
             sign = diff if HIGHER_IS_BETTER[metric] else -diff
             better = a if sign > 0 else b if sign < 0 else "tie"
@@ -111,12 +128,12 @@ def paired_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
                 r["p_holm"] = q
                 r["significant"] = bool(q < alpha) if not np.isnan(q) else False
             out.extend(rows)
-    return pd.DataFrame(out, columns=cols)
+    return _frame(out, cols)
 
 
 def rank_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean rank (1 = best, ties averaged) of methods per metric × ε over samples where all have a value."""
-    cols = [*FAMILY, "metric", "method", "mean_rank", "mean", "n_samples"]
+    cols = ["metric", "method", "mean_rank", "mean", "n_samples"]
     out = []
     for fam, metric, wide in _families(df):
         complete = wide.dropna()
@@ -127,4 +144,4 @@ def rank_table(df: pd.DataFrame) -> pd.DataFrame:
         for method, r in mean_rank.items():
             out.append({**fam, "metric": metric, "method": method, "mean_rank": float(r),
                         "mean": float(complete[method].mean()), "n_samples": len(complete)})
-    return pd.DataFrame(out, columns=cols)
+    return _frame(out, cols)

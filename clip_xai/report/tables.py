@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clip_xai.report.stats import FAMILY
 from clip_xai.schema import HIGHER_IS_BETTER
 
 FAITH_MEASURES = [("conf_drop", "drop ↓"), ("conf_incr", "incr ↑")]
@@ -45,6 +46,11 @@ def markdown(df: pd.DataFrame, index: bool = False, bold: dict[str, bool] | None
     return "\n".join(lines) + "\n"
 
 
+def ci_cells(means, los, his) -> list[str]:
+    """``mean [lo, hi]`` cells (each value through :func:`fmt`), the one format of every CI table."""
+    return [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in zip(means, los, his)]
+
+
 def fmt_eps(v: Any) -> str:
     """ε as short text ('–' for none)."""
     return "–" if v is None or pd.isna(v) else f"{float(v):g}"
@@ -68,7 +74,7 @@ def _setting(df: pd.DataFrame) -> pd.Series:
 def sensitivity_summary(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Mean [95% CI] per setting × ε × method (rows) and metric (columns)."""
     s = summary.copy()
-    s["cell"] = [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in zip(s["mean"], s["lo"], s["hi"])]
+    s["cell"] = ci_cells(s["mean"], s["lo"], s["hi"])
     idx = [c for c in ["dataset", "model", "perturbation", "eps", "method"] if c in s.columns]
     s = s.sort_values(idx, kind="stable")
     if "eps" in s.columns:
@@ -150,29 +156,46 @@ def ablation(df: pd.DataFrame, explainer: str = "abm", row: str = "cfg.explainer
     return long[[*groups, "metric", "target_layer", "steps", "mean", "count"]], "\n".join(parts)
 
 
-def wilcoxon_md(tests: pd.DataFrame) -> str:
-    """Markdown for the paired-test table (one section per metric × ε)."""
+def _family_columns(t: pd.DataFrame) -> list[str]:
+    """The family columns (stats.FAMILY) a test or rank table carries with at least one value."""
+    return [c for c in FAMILY if c in t.columns and t[c].notna().any()]
+
+
+def _family_title(cols: list[str], key: tuple) -> str:
+    """``study · dataset · model · ε=0.1 · mask=...`` for one family (NaN parts left out)."""
     parts = []
-    for (study, metric, eps), g in tests.groupby(["study", "metric", "eps"], dropna=False, sort=True):
-        t = g[["perturbation", "method_a", "method_b", "n", "mean_a", "mean_b", "p", "p_holm", "better",
-               "significant"]].copy()
+    for c, v in zip(cols, key):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v == "":
+            continue
+        parts.append(f"ε={fmt_eps(v)}" if c == "eps" else str(v) if c in ("study", "dataset", "model") else f"{c}={v}")
+    return " · ".join(parts)
+
+
+def wilcoxon_md(tests: pd.DataFrame) -> str:
+    """Markdown for the paired-test table (one section per family: metric × study × setting × condition)."""
+    parts = []
+    fam = _family_columns(tests)
+    for key, g in tests.groupby([*fam, "metric"], dropna=False, sort=True):
+        *key, metric = key
+        t = g[["method_a", "method_b", "n", "mean_a", "mean_b", "p", "p_holm", "better", "significant"]].copy()
         t["significant"] = t["significant"].map({True: "yes", False: "no"})
-        head = f"{study} · {metric} {ARROW[HIGHER_IS_BETTER[metric]]}" + ("" if pd.isna(eps) else f" · ε={fmt_eps(eps)}")
-        parts.append(f"## {head}\n\n{markdown(t)}")
+        parts.append(f"## {_family_title(fam, tuple(key))} · {metric} {ARROW[HIGHER_IS_BETTER[metric]]}\n\n{markdown(t)}")
     return "Wilcoxon signed-rank on samples shared by both methods; p_holm is Holm-corrected within each " \
-           "section (metric × ε); better = method with the better mean (honouring the metric's direction).\n\n" \
-           + "\n".join(parts)
+           "section (one metric under one study, dataset, model, map modality and condition); better = method " \
+           "with the better mean (honouring the metric's direction).\n\n" + "\n".join(parts)
 
 
 def ranks_md(ranks: pd.DataFrame) -> str:
-    """Markdown for the ranking table: rows = metric × ε, columns = methods (mean rank, 1 = best)."""
+    """Markdown for the ranking table: per study, rows = metric × setting × condition, columns = methods."""
     r = ranks.copy()
-    r["eps"] = r["eps"].map(fmt_eps)
-    r["perturbation"] = r["perturbation"].astype(object).where(r["perturbation"].notna(), "–")
+    fam = [c for c in _family_columns(r) if c != "study"]
+    for c in fam:
+        r[c] = r[c].map(fmt_eps) if c == "eps" else r[c].astype(object).where(r[c].notna(), "–")
     r["metric"] = [f"{m} {ARROW[HIGHER_IS_BETTER[m]]}" for m in r["metric"]]
     parts = []
     for study, g in r.groupby("study", sort=True):
-        wide = g.pivot_table(index=["metric", "perturbation", "eps", "n_samples"], columns="method",
+        rows = [c for c in fam if g[c].ne("–").any()]
+        wide = g.pivot_table(index=["metric", *rows, "n_samples"], columns="method",
                              values="mean_rank", aggfunc="first", sort=False)
         wide.columns.name = None
         parts.append(f"## {study}\n\n{markdown(wide, index=True, row_best=False)}")

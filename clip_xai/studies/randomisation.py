@@ -2,11 +2,14 @@
 
 Per batch: the original map (image or text, as ``explainer.modality`` says) and the image–text
 similarity, then for every randomised state of the tower — nothing randomised, the cascading
-states (blocks re-initialised from the top down, one more per state) and the independent states
-(one block at a time) — the map and similarity of the randomised model and the similarity of its
-map to the original (:class:`clip_xai.metrics.randomisation.RandomisationMetrics`). One row per
-sample × state. The weights are re-drawn once per block, seeded from ``seed``
-(:class:`clip_xai.models.randomise.BlockRandomiser`), and restored after every state.
+states (units re-initialised from the output down, one more per state) and the independent
+states (one unit at a time) — the map and similarity of the randomised model and the similarity
+of its map to the original (:class:`clip_xai.metrics.randomisation.RandomisationMetrics`). One
+row per sample × state. The units (``study.scope``): ``model`` (default) = the output head
+(``ln_post``, ``proj``), the blocks from the top down, then the stem (patch/token embedding, class
+and position embeddings, ``ln_pre``): the order of Adebayo et al. (2018) and Quantus' MPRT;
+``blocks`` = the transformer blocks only. The weights are re-drawn once per unit, seeded from
+``seed`` (:class:`clip_xai.models.randomise.TowerRandomiser`), and restored after every state.
 
 The state with nothing randomised must give similarity 1 (the explainer is seeded per sample);
 a method passes the check when its curve falls towards 0 as blocks are randomised.
@@ -20,11 +23,12 @@ import torch
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps, text_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
-from clip_xai.models.randomise import BlockRandomiser, cascading_states, independent_states
+from clip_xai.models.randomise import HEAD, SCOPES, STEM, TowerRandomiser, cascading_states, independent_states, unit_label
 from clip_xai.schema import RANDOMISATION_COLUMNS, RESULTS_FILE
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 
-MODES = {"cascading": lambda n: cascading_states(n, include_none=False), "independent": independent_states}
+MODES = {"cascading": lambda n, scope: cascading_states(n, include_none=False, scope=scope),
+         "independent": independent_states}
 RAND_METRICS = ["rand_spearman", "rand_ssim", "rand_topk"]
 
 
@@ -34,7 +38,7 @@ class RandomisationStudy(Study):
     metrics_suite = "randomisation"
 
     def __init__(self, name: str = "randomisation", tower: str = "auto",
-                 modes: tuple[str, ...] | list[str] = ("cascading", "independent")):
+                 modes: tuple[str, ...] | list[str] = ("cascading", "independent"), scope: str = "model"):
         super().__init__(name)
         unknown = [m for m in modes if m not in MODES]
         if unknown or not modes:
@@ -42,24 +46,34 @@ class RandomisationStudy(Study):
                                f"set study.modes to a list drawn from {list(MODES)}")
         if tower not in ("auto", "vision", "text"):
             raise ClipXaiError(f"unknown tower {tower!r}", "set study.tower=auto, vision or text")
+        if scope not in SCOPES:
+            raise ClipXaiError(f"unknown randomisation scope {scope!r}",
+                               "set study.scope=model (head, blocks, stem) or blocks (transformer blocks only)")
         self.tower = tower
         self.modes = list(modes)
-        self._randomiser: BlockRandomiser | None = None
+        self.scope = scope
+        self._randomiser: TowerRandomiser | None = None
 
     def tower_of(self, ctx: RunContext) -> str:
         if self.tower != "auto":
             return self.tower
         return "vision" if ctx.explainer.modality == "image" else "text"
 
-    def randomiser(self, ctx: RunContext) -> BlockRandomiser:
+    def randomiser(self, ctx: RunContext) -> TowerRandomiser:
         r = self._randomiser
         if r is None or r.model is not ctx.model or r.tower_name != self.tower_of(ctx) or r.seed != ctx.seed:
-            r = self._randomiser = BlockRandomiser(ctx.model, self.tower_of(ctx), ctx.seed)
+            r = self._randomiser = TowerRandomiser(ctx.model, self.tower_of(ctx), ctx.seed)
         return r
 
-    def states(self, n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-        """(mode, randomised blocks) in row order; the first state randomises nothing."""
-        return [("none", ())] + [(m, s) for m in self.modes for s in MODES[m](n_layers)]
+    def states(self, n_layers: int) -> list[tuple[str, tuple]]:
+        """(mode, randomised units) in row order; the first state randomises nothing."""
+        return [("none", ())] + [(m, s) for m in self.modes for s in MODES[m](n_layers, self.scope)]
+
+    @staticmethod
+    def block_column(unit, n_layers: int) -> int:
+        """The ``block`` value of a state whose last randomised unit is ``unit``: the block index,
+        ``n_layers`` for the head (above the top block), -2 for the stem, -1 for nothing."""
+        return -1 if unit is None else n_layers if unit == HEAD else -2 if unit == STEM else int(unit)
 
     def _maps(self, ctx: RunContext, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
         """(post-processed map, image–text cosine) of the model in its current state."""
@@ -81,8 +95,8 @@ class RandomisationStudy(Study):
         labels = b.labels.tolist()
         states = self.states(rnd.n_layers)
         per_state, flags = [], []
-        for _, blocks in states:
-            with rnd.randomised(blocks):
+        for _, chosen in states:
+            with rnd.randomised(chosen):
                 maps, sim = self._maps(ctx, prep)
             scores = ctx.metrics(orig, maps, valid)
             flags.append(scores.pop("map_flag"))
@@ -90,11 +104,13 @@ class RandomisationStudy(Study):
         # one host transfer for every state: (S, B) per column
         cols = {k: torch.stack([st[k].double() for st in per_state]).cpu().tolist() for k in per_state[0]}
         rows = []
-        for s, (mode, blocks) in enumerate(states):
-            block = min(blocks) if blocks else -1
+        for s, (mode, chosen) in enumerate(states):
+            last = chosen[-1] if chosen else None  # states list their units output-first
+            block = self.block_column(last, rnd.n_layers)
             rows += [
                 {**ctx.ids, "study": self.name, "sample_id": sid, "caption": cap, "label": labels[i],
-                 "tower": rnd.tower_name, "randomisation": mode, "block": block, "n_randomised": len(blocks),
+                 "tower": rnd.tower_name, "randomisation": mode, "block": block, "unit": unit_label(last),
+                 "n_randomised": len(chosen),
                  **{k: v[i] for k, v in base.items()}, **{k: v[s][i] for k, v in cols.items()}, "map_flag": flags[s][i]}
                 for i, (sid, cap) in enumerate(zip(b.sample_ids, b.captions))
             ]
@@ -109,10 +125,11 @@ class RandomisationStudy(Study):
         path = ctx.run_dir / RESULTS_FILE
         curves: dict = {}
         if path.exists():
-            f = pd.read_parquet(path, columns=["randomisation", "block", *RAND_METRICS])
-            for (mode, block), g in f.groupby(["randomisation", "block"], sort=False):
-                curves.setdefault(mode, {})[int(block)] = {m: float(g[m].mean()) for m in RAND_METRICS}
-        return {"randomisation": {"tower": self.tower_of(ctx), "modes": self.modes, "seed": ctx.seed,
+            f = pd.read_parquet(path, columns=["randomisation", "unit", *RAND_METRICS])
+            for (mode, unit), g in f.groupby(["randomisation", "unit"], sort=False):
+                curves.setdefault(mode, {})[unit] = {m: float(g[m].mean()) for m in RAND_METRICS}
+        return {"randomisation": {"tower": self.tower_of(ctx), "modes": self.modes, "scope": self.scope,
+                                  "seed": ctx.seed,
                                   "rule": "N(mean(w), std(w)^2) per parameter tensor", "curves": curves}}
 
 
