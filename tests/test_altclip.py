@@ -49,6 +49,7 @@ def test_config_and_attributes(adapter):
     assert adapter.context_length == 77
 
 
+@pytest.mark.adapter
 def test_vision_matches_native(adapter, pixels):
     ours, _ = adapter.vision(pixels)
     native = _features(adapter.model.get_image_features(pixel_values=_normalised(adapter, pixels)))
@@ -56,6 +57,7 @@ def test_vision_matches_native(adapter, pixels):
     assert _max_dev(ours, native) < TOL
 
 
+@pytest.mark.adapter
 def test_text_matches_native_on_padded_batch(adapter):
     tokens = adapter.tokenize(CAPTIONS)
     assert (tokens.attention_mask == 0).any()  # the batch really is padded
@@ -68,6 +70,7 @@ def test_text_matches_native_on_padded_batch(adapter):
         assert _max_dev(alone[0], ours[i]) < TOL
 
 
+@pytest.mark.adapter
 def test_project_tokens_match_native_sequence(adapter):
     tokens = adapter.tokenize(CAPTIONS)
     x, bias = adapter.text.embed(tokens)
@@ -82,6 +85,7 @@ def test_project_tokens_match_native_sequence(adapter):
     assert _max_dev(adapter.vision.project_tokens(xv), native) < TOL
 
 
+@pytest.mark.adapter
 def test_attention_probs_and_hidden_states_match_native(adapter, pixels):
     n = adapter.vision.n_layers
     _, recs = adapter.vision(pixels, record=range(n))
@@ -167,6 +171,7 @@ def test_recorded_and_fused_paths_agree_and_carry_gradients(adapter, pixels):
             assert _max_dev(recorded, native) <= GRAD_RTOL * scale, (kind, target)
 
 
+@pytest.mark.adapter
 def test_partial_runs_and_single_head_override(adapter, pixels):
     for tower, inputs in ((adapter.vision, pixels), (adapter.text, adapter.tokenize(CAPTIONS))):
         x, bias = tower.embed(inputs)
@@ -179,6 +184,7 @@ def test_partial_runs_and_single_head_override(adapter, pixels):
         assert rec.probs.shape[1] == 1 and rec.q.shape[-1] == tower.width
 
 
+@pytest.mark.adapter
 def test_pool_index_and_content_mask(adapter):
     tokens = adapter.tokenize(["ab", "abcd", ""])
     ids = tokens.ids
@@ -230,6 +236,7 @@ def test_seeded_random_weights():
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
+@pytest.mark.adapter
 def test_save_pretrained_round_trip(adapter, pixels, tmp_path):
     adapter.save_pretrained(tmp_path / "full")
     reloaded = AltClipAdapter("reloaded", pretrained=str(tmp_path / "full"))
