@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +55,20 @@ def main() -> None:
     parser.add_argument("--pythons", nargs="+", default=list(PYTHONS))
     args = parser.parse_args()
     indexes = index_args(pip_config(sys.executable))
-    for version in args.pythons:
-        out = ROOT / "requirements" / f"lock-py{version}.txt"
-        cmd = [args.uv, "pip", "compile", "pyproject.toml", *(f"--extra={e}" for e in EXTRAS),
-               "--python-version", version, "--python-platform", PLATFORM, "--generate-hashes",
-               "--exclude-newer", args.date, "--custom-compile-command", "make lock", "--quiet",
-               "--no-cache", "-o", str(out.relative_to(ROOT)), *indexes]
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        print(f"{out.relative_to(ROOT)}: {sum(1 for l in out.read_text().splitlines() if '==' in l)} packages")
+    with tempfile.TemporaryDirectory(prefix="clip_xai_lock_") as tmp:
+        for version in args.pythons:
+            # A fresh output file each time: uv reads an existing output as preferences, which makes
+            # the result depend on the previous lock (and with --exclude-newer it can then pick a
+            # local copy of torch that has no upload time and fail). Resolve from scratch instead.
+            fresh = Path(tmp) / f"lock-py{version}.txt"
+            cmd = [args.uv, "pip", "compile", "pyproject.toml", *(f"--extra={e}" for e in EXTRAS),
+                   "--python-version", version, "--python-platform", PLATFORM, "--generate-hashes",
+                   "--exclude-newer", args.date, "--custom-compile-command", "make lock", "--quiet",
+                   "--no-cache", "-o", str(fresh), *indexes]
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            out = ROOT / "requirements" / fresh.name
+            shutil.copyfile(fresh, out)  # only after every earlier version resolved
+            print(f"{out.relative_to(ROOT)}: {sum(1 for l in out.read_text().splitlines() if '==' in l)} packages")
 
 
 if __name__ == "__main__":
