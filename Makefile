@@ -1,23 +1,49 @@
 # Two commands do all set-up: `make run` (the default experiment) and `make test`.
-# Both create .venv and install the project into it on first use.
+# Both create .venv and install exactly the committed lock into it on first use.
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= vit_b16
-# Pins that pip takes from the local wheel cache here; elsewhere they pull the CUDA build.
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+QUIET_PIP := sed '/^WARNING: Location/d'  # pip.conf's find-links noise here; pip's own status is kept (pipefail)
+# One hashed lock per supported Python (Linux x86_64), written by `make lock`.
+PYVER := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK := requirements/lock-py$(PYVER).txt
+# `make lock`: uv resolves (pinned, in a scratch venv); only releases uploaded before LOCK_DATE count,
+# so the same pyproject gives the same lock. Refresh: make test-latest, then make lock LOCK_DATE=<now>.
+LOCK_DATE ?= 2026-12-06T00:00:00Z
+UV_VERSION := 0.13.9
+LOCK_TOOLS := .lock-tools
+LATEST_VENV := .latest-venv
 
-.PHONY: install run test test-fast smoke bench gpu-check report docs clean
+.PHONY: install lock test-latest run test test-fast smoke bench gpu-check report docs clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the lock (every package pinned and hash-checked), then the project itself without deps.
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
+	@test -f $(LOCK) || { echo "no lock for Python $(PYVER) ($(LOCK)); supported: $$(ls requirements/lock-py*.txt)"; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(PIP) $(TORCH_PINS) 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	set -o pipefail; $(PIP) --require-hashes -r $(LOCK) 2>&1 | $(QUIET_PIP)
+	set -o pipefail; $(PIP) --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import clip_xai, torch, torchvision, open_clip, hydra, wandb" && touch $(STAMP)
+
+# Re-resolve pyproject.toml (deps + test and docs extras) into requirements/lock-py3.*.txt.
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || { $(PY) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION); }
+	$(PY) requirements/lock.py --uv $(LOCK_TOOLS)/bin/uv --date $(LOCK_DATE)
+
+# Drift check, the step before `make lock`: a throwaway venv with the newest releases the declared
+# ranges allow; the adapter-equivalence tests and a tiny end-to-end run on them.
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PY) -m venv $(LATEST_VENV)
+	set -o pipefail; $(LATEST_VENV)/bin/python -m pip install -q --upgrade ".[test]" 2>&1 | $(QUIET_PIP)
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE "^(torch|torchvision|transformers|open.clip.torch|timm|numpy|pandas|pyarrow|hydra-core|wandb|scipy)==" | tee $(LATEST_VENV)/versions.txt
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest tests -m adapter -p no:cacheprovider --timeout=900
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m clip_xai model=tiny dataset.limit=2 logger=none hydra.run.dir=$(LATEST_VENV)/run
+	@echo "test-latest passed on: $$(tr '\n' ' ' < $(LATEST_VENV)/versions.txt)"
 
 # The default experiment: ViT-B/16 (OpenAI weights) on the built-in sample images, a short
 # eps sweep over the thesis methods, then the report. Offline: `make run MODEL=tiny`.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
 from clip_xai.paths import CONF_DIR
 from clip_xai.projection import announce_if_long
+from clip_xai.provenance import write_environment
 from clip_xai.schema import CONFIG_FILE
 
 log = logging.getLogger("clip_xai")
@@ -59,10 +59,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    (run_dir / "environment.json").write_text(json.dumps({
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }, indent=2))
+    write_environment(run_dir)  # provenance: code, packages, lock, hardware (the sinks copy it)
     ids = {"dataset": cfg.dataset.name, "model": cfg.model.name, "explainer": cfg.explainer.name,
            "modality": cfg.explainer.get("modality", "image"), "seed": int(cfg.seed),
            "precision": precision}

@@ -26,3 +26,13 @@ def run_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.Complet
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "clip_xai", *args], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout, **kwargs)
+
+
+def varies(values, rtol: float = 1e-4) -> bool:
+    """True when ``values`` are not constant beyond float32 rounding: their span (max − min)
+    exceeds ``rtol`` times their largest magnitude. A map that is constant in exact arithmetic
+    still carries rounding noise of about 1e-7 of its magnitude, which ``span > 0`` or
+    ``std() > 0`` accept; ``rtol`` = 1e-4 sits three decades above that noise."""
+    values = values.detach().double().flatten()
+    scale = values.abs().max().item()
+    return scale > 0 and (values.max() - values.min()).item() > rtol * scale

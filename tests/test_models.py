@@ -10,6 +10,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.models.openclip import OpenClipAdapter
 
 
+@pytest.mark.adapter
 def test_recomputed_forward_matches_native(tiny, sample_images):
     pixels, captions = sample_images
     tokens = tiny.tokenize(list(captions))
@@ -22,6 +23,7 @@ def test_recomputed_forward_matches_native(tiny, sample_images):
     assert torch.allclose(emb, native_img, atol=1e-5) and len(recs) == tiny.vision.n_layers
 
 
+@pytest.mark.adapter
 @pytest.mark.parametrize("tower_name", ["vision", "text"])
 def test_recorded_probs_equal_manual_softmax(tiny, sample_images, tower_name):
     pixels, captions = sample_images
@@ -72,6 +74,7 @@ def test_caption_too_long(tiny):
         tiny.tokenize(["word " * 100])
 
 
+@pytest.mark.adapter
 def test_checkpoint_roundtrip(tiny, tmp_path, sample_images):
     """Real loading code path (pretrained=<file>) with saved random weights, never a download."""
     path = tmp_path / "tiny.pt"

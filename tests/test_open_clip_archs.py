@@ -112,6 +112,7 @@ def test_every_named_open_clip_vit_builds_with_its_grid(tmp_path_factory):
         assert ("pooled_token" in adapter.vision.provides) == (v.get("pool_type", "tok") == "tok"), arch
 
 
+@pytest.mark.adapter
 @pytest.mark.parametrize("arch", sorted(_structures()))
 def test_each_named_structure_matches_native(arch, tmp_path_factory):
     """One named config per structure (pooling, norms, quickgelu, text pooling/mask): recomputed = native."""
@@ -150,6 +151,7 @@ def _variant(tmp_path_factory, key: str) -> OpenClipAdapter:
     return OpenClipAdapter(key, name, seed=0)
 
 
+@pytest.mark.adapter
 @pytest.mark.parametrize("key", sorted(VARIANTS))
 def test_variants_match_native_and_declare_what_they_lack(key, tmp_path_factory):
     adapter = _variant(tmp_path_factory, key)

@@ -19,17 +19,19 @@ from clip_xai.explainers.game import GAME
 from clip_xai.explainers.interactions import SecondOrderInteractions
 from clip_xai.explainers.m2ib import M2IB
 from clip_xai.explainers.mfaba import MFABA
-from clip_xai.explainers.postprocess import text_maps
 from clip_xai.explainers.rise import RISE
 from clip_xai.explainers.rollout import Rollout
 from clip_xai.explainers.saliency import Saliency
 from clip_xai.explainers.selfattn import SelfAttention
 from clip_xai.types import TextTokens
+from tests.helpers import varies
 
 EXTRA = 2  # padding positions kept after the longest caption's last real token
 
 TEXT_EXPLAINERS = {
-    "m2ib": lambda: M2IB(modality="text", steps=2, copies=2),
+    # M2IB: with 2 steps, Adam's first updates move every token's λ by the same ±lr, so on the tiny
+    # open_clip model the map is constant up to rounding (relative spread 1e-7); 4 steps give 1e-2.
+    "m2ib": lambda: M2IB(modality="text", steps=4, copies=2),
     "abm": lambda: ABM(modality="text", steps=2, noise_samples=2),
     "mfaba": lambda: MFABA(modality="text", variant="attention", steps=2),
     "saliency": lambda: Saliency(modality="text"),
@@ -82,5 +84,5 @@ def test_text_maps_do_not_depend_on_padding(any_model, batch_for, name):
     full = explainer(model, pixels, tokens, seeds)[:, :length][content]
     part = explainer(model, pixels, short, seeds)[content]
     scale = full.abs().max()
-    assert torch.isfinite(full).all() and scale > 0 and text_maps(full[None], torch.ones_like(full[None], dtype=torch.bool)).std() > 0
+    assert torch.isfinite(full).all() and varies(full), "a constant text map cannot show padding invariance"
     assert torch.allclose(full, part, rtol=1e-4, atol=1e-6 * float(scale)), (full, part)

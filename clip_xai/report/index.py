@@ -7,6 +7,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from clip_xai import provenance
 from clip_xai.report import controls, figures, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import matrices as matrices_report
@@ -103,7 +104,7 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
                                                       f"dropped)" if c.duplicates_dropped else ""),
               "", "Rows per explainer; `rows_nan_metric` = rows with a NaN in a metric the explainer reports, "
               "`rows_map_flag` = rows whose map was unusable (`map_flag` non-empty, metrics NaN):", "",
-              tables.markdown(counts), "## Data", "",
+              tables.markdown(counts), *provenance.report_lines(c.runs), "## Data", "",
               "- [results.parquet](results.parquet) · [results.csv](results.csv) — the tidy frame: every row of "
               "every run, with the resolved config as `cfg.*` columns plus `method`, `run_dir`, `sweep`", ""]
     lines += ["## Figures", ""]

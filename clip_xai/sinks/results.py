@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from clip_xai.provenance import read_environment
 from clip_xai.schema import DONE_FILE, RESULTS_FILE, SUMMARY_FILE
 
 
@@ -68,7 +69,9 @@ class ResultsWriter:
         return {"means": means, "counts": counts, **extra}
 
     def finish(self, summary: dict) -> None:
-        """Write summary.json, then the DONE marker (a run dir with DONE is complete)."""
+        """Write summary.json (with the run's recorded environment, see :mod:`clip_xai.provenance`),
+        then the DONE marker (a run dir with DONE is complete)."""
+        summary.setdefault("environment", read_environment(self.run_dir))
         text = json.dumps(summary, indent=2, default=_json_default)
         atomic_write(self.run_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
         (self.run_dir / DONE_FILE).write_text("ok\n")

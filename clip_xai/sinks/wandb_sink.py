@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_xai.provenance import read_environment
+
 log = logging.getLogger(__name__)
 
 
 class WandbSink:
-    """One W&B run per job: resolved config, per-sample table, summary means, overlay images."""
+    """One W&B run per job: resolved config (plus the run's ``environment.json`` under
+    ``environment``, see :mod:`clip_xai.provenance`), per-sample table, summary means, overlay images."""
 
     def __init__(self, run_dir: Path, config: dict, group: str, job_type: str, name: str,
                  mode: str = "offline", project: str = "clip_xai", entity: str | None = None,
@@ -28,7 +31,7 @@ class WandbSink:
             import wandb
 
             self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type, name=name,
-                                  config=config, dir=str(run_dir), mode=mode, tags=list(tags or []), reinit="finish_previous")
+                                  config={**config, "environment": read_environment(run_dir)}, dir=str(run_dir), mode=mode, tags=list(tags or []), reinit="finish_previous")
         except Exception as exc:  # noqa: BLE001 - W&B must never break a study
             self._fail("init", exc)
 
