@@ -1,6 +1,6 @@
 """Before a long run: project its wall time from the bench numbers and print cheaper alternatives.
 
-The rates are what ``make bench`` measured (README, *Performance*): on an H100 with ViT-B/16
+The rates are what ``make bench`` measured (docs/performance.md): on an H100 with ViT-B/16
 (random weights) per precision, and on the 2-core build CPU with the tiny model. All were taken at
 the yaml defaults (RISE 2,000 masks, 10 bottleneck or path steps). A run on another model scales by
 the ratio of image-forward FLOPs (:func:`forward_flops`, from the tower's size). A run with other

@@ -28,7 +28,7 @@ SCRIPTS = {"clip-xai", "clip-xai-report", "clip-xai-bench"}
 # What the sdist is made from: everything MANIFEST.in and pyproject.toml name.
 SOURCES = ["pyproject.toml", "README.md", "MANIFEST.in", "build_hooks.py", "clip_xai", "conf", "experiments"]
 
-# The README's example of a user's own config dir: a new explainer whose class lives in the
+# The docs' example (docs/extending.md) of a user's own config dir: a new explainer whose class lives in the
 # user's code, an option extending a packaged one, and an experiment of their own.
 USER_CODE = '''
 """Gradient x input (Shrikumar et al. 2016, arXiv:1605.01713): |x * d cos(f_I(x), f_T(t)) / dx|."""

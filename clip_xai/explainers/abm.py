@@ -68,7 +68,7 @@ class ABM(Explainer):
       ``total_grad``). The sums agree up to float rounding, but the sign step would turn a
       rounding difference in a near-zero sum into a full step of |z|/T that later steps carry
       along. Measured on CPU (float32) the two give identical maps and batched is ~1.35× cheaper,
-      hence the default (README, deviations).
+      hence the default (docs/parity.md, deviations).
     * ``step_scale`` multiplies the per-element step |z|/T (1.0 = reference). With T = 0 the map
       is the no-bottleneck capacity ½Σ_d(z_d² − 1 − log 1e−9).
     * ``float64`` (default false): the whole computation (model forward, gradients, steps) in
@@ -82,7 +82,7 @@ class ABM(Explainer):
 
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"blocks"})}
-    cpu_micro_batch = 4  # measured: 4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (README)
+    cpu_micro_batch = 4  # measured: 4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (docs/performance.md)
 
     def __init__(self, name: str = "abm", modality: str = "image", steps: int = 10, target_layer: int = 9,
                  noise_samples: int = 5, step_scale: float = 1.0, grad_accumulation: str = "batched",

@@ -45,7 +45,7 @@ class M2IB(Explainer):
 
     modalities = frozenset({"image", "text"})
     requires = {"*": frozenset({"blocks"})}
-    cpu_micro_batch = 4  # measured: 2-4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (README)
+    cpu_micro_batch = 4  # measured: 2-4 samples beat 1 on a 2-core CPU, 16 fall out of L3 (docs/performance.md)
 
     def __init__(self, name: str = "m2ib", modality: str = "image", layer: int = 9, beta: float = 0.1,
                  steps: int = 10, lr: float = 1.0, copies: int = 10, init: float = 5.0,

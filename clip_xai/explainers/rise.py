@@ -35,7 +35,7 @@ Choices, all documented deviations or reference reproductions:
   with B. ``chunk: auto`` is chosen from the model and the device by :func:`auto_chunk`: on CUDA
   from the free device memory, on a CPU from the tower's size and the last-level cache (enough
   token rows per pass to amortise per-op costs, more while the activations stay in the cache;
-  README).
+  docs/performance.md).
 * **On the device.** Masks are drawn, upsampled and blended on the model's device; on CUDA the
   kernels are queued asynchronously, so mask creation overlaps the forwards already queued.
 * **Compilation** (opt-in: ``false`` by default until measured on a GPU). ``compile: auto`` (on
@@ -88,9 +88,9 @@ log = logging.getLogger(__name__)
 
 # --- chunk: auto ----------------------------------------------------------------------------
 CUDA_MEMORY_SHARE = 0.5  # of the free device memory that one pass's activations may take
-CUDA_MAX_CHUNK = 1000  # H100, ViT-B/16 bf16: 1,000 -> 3.48 img/s, 2,000 -> 3.58 at twice the memory (README)
+CUDA_MAX_CHUNK = 1000  # H100, ViT-B/16 bf16: 1,000 -> 3.48 img/s, 2,000 -> 3.58 at twice the memory (docs/performance.md)
 CPU_CACHE_SHARE = 0.5  # of the last-level cache that one block's activations for a pass may take
-CPU_MIN_ROWS = 3072  # token rows per pass: fewer leave per-op and weight-streaming costs unamortised (README)
+CPU_MIN_ROWS = 3072  # token rows per pass: fewer leave per-op and weight-streaming costs unamortised (docs/performance.md)
 CPU_MAX_CHUNK = 64
 CACHE_FALLBACK = 8 * 2**20  # last-level cache size assumed when the OS does not say
 

@@ -7,7 +7,7 @@ pixels x, before CLIP normalisation; the pixel change is at most ε.
 tensor z = (x − mean)/std: z' = clamp(z + ε·sign(∇_z cos), 0, 1), x' = z'·std + mean. Its step is
 ε·std ≈ 0.27ε in pixels (std = 0.26–0.28 per channel), i.e. about 3.7× *smaller* than the same ε
 in pixel space, and its clamp of z to [0,1] moves every value outside [mean, mean + std] onto that
-range (most of an ordinary photo; the README gives the measured share), a change far larger than
+range (most of an ordinary photo; docs/parity.md gives the measured share), a change far larger than
 the step itself.
 
 ``direction: decrease`` gives the twin that lowers similarity. Whether the perturbation flips a
