@@ -23,7 +23,7 @@ from clip_xai.config import build, sample_seed
 from clip_xai.data.sample import SAMPLE_CAPTIONS, _load_skimage
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps, text_maps
-from clip_xai.schema import FAITHFULNESS_COLUMNS, SENSITIVITY_COLUMNS
+from clip_xai.schema import FAITHFULNESS_COLUMNS, RUN_COLUMNS, SENSITIVITY_COLUMNS
 from tests.helpers import compose_cfg, run_cli
 
 NAMES = ["astronaut", "chelsea", "coffee"]
@@ -125,7 +125,7 @@ def test_api_equals_cli_example_maps_and_rows(model, photos, tmp_path, one_threa
 
     cli_rows = pd.read_parquet(run_dir / "results.parquet")
     rows = clip_xai.sensitivity(model, images, texts, method="eclip")
-    assert list(rows.columns) == list(cli_rows.columns) == SENSITIVITY_COLUMNS
+    assert list(rows.columns) == list(cli_rows.columns) == SENSITIVITY_COLUMNS + RUN_COLUMNS
     assert rows["sample_id"].tolist() == ["0", "1", "2"] and (rows["dataset"] == "memory").all()
     same = ["caption", "model", "explainer", "modality", "study", "seed", "perturbation", "perturbation_params", "eps",
             "linf", "clamped", "sim_orig", "sim_pert", "sim_diff", "spearman", "ssim", "topk", "sparseness",
@@ -145,7 +145,7 @@ def test_faithfulness_rows_equal_cli(model, photos, tmp_path, one_thread):
     images, texts = photos
     rows = clip_xai.faithfulness(model, images[:2], texts[:2], method="selfattn", sample_ids=NAMES[:2],
                                  metrics_params={"road_percentages": [20, 50, 80]})  # ids seed ROAD's noise
-    assert list(rows.columns) == list(cli_rows.columns) == FAITHFULNESS_COLUMNS
+    assert list(rows.columns) == list(cli_rows.columns) == FAITHFULNESS_COLUMNS + RUN_COLUMNS
     assert (rows["modality"] == "image+text").all() and rows["sample_id"].tolist() == NAMES[:2]
     metrics = [c for c in FAITHFULNESS_COLUMNS if c.startswith(("conf_", "road", "sim_", "sparseness", "complexity"))]
     pd.testing.assert_frame_equal(rows[metrics], cli_rows[metrics], check_exact=True)
@@ -262,7 +262,7 @@ def test_sensitivity_sweep_shares_clean_maps_and_labels_eps(model, photos):
     images, texts = photos
     rows = clip_xai.sensitivity(model, images[:2], texts[:2], method="selfattn", eps=[4 / 255, 8 / 255],
                                 metrics_params={"k": 50})
-    assert list(rows.columns) == SENSITIVITY_COLUMNS and len(rows) == 4
+    assert list(rows.columns) == SENSITIVITY_COLUMNS + RUN_COLUMNS and len(rows) == 4
     assert rows["eps"].tolist() == pytest.approx([4 / 255] * 2 + [8 / 255] * 2)
     assert (rows["linf"] <= rows["eps"] + 1e-6).all() and (rows["perturbation"] == "fgsm").all()
     second = rows.attrs["summaries"][1]

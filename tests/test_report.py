@@ -16,7 +16,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.report import collect, stats
 from clip_xai.report.__main__ import main
 from clip_xai.report.index import make_report
-from clip_xai.schema import FAITHFULNESS_COLUMNS, SENSITIVITY_COLUMNS
+from clip_xai.schema import OPTIONAL_COLUMNS, FAITHFULNESS_COLUMNS, SENSITIVITY_COLUMNS
 
 N = 40
 EXPLAINERS = ["eclip", "gradcam", "rise"]
@@ -79,7 +79,7 @@ def sens_rows(expl: str, eps: float, seed: int) -> pd.DataFrame:
                        **{m: centred(rng, true_mean(expl, eps, m), valid) for m in OFFSET}, "map_flag": flag,
                        "sparseness": 0.5, "complexity": 9.0, "sparseness_pert": 0.5, "complexity_pert": 9.0,
                        "caption_flag": ""})
-    return df[SENSITIVITY_COLUMNS]
+    return df.assign(**{c: v for c, v in OPTIONAL_COLUMNS.items() if c not in df})[SENSITIVITY_COLUMNS]
 
 
 def examples(eps: float, seed: int, n: int = 3, hw: int = 16) -> dict:

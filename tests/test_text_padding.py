@@ -17,6 +17,7 @@ from clip_xai.explainers.eclip import GradECLIP
 from clip_xai.explainers.fastig import FastIG
 from clip_xai.explainers.game import GAME
 from clip_xai.explainers.interactions import SecondOrderInteractions
+from clip_xai.explainers.attnlrp import AttnLRP
 from clip_xai.explainers.m2ib import M2IB
 from clip_xai.explainers.mfaba import MFABA
 from clip_xai.explainers.rise import RISE
@@ -43,6 +44,7 @@ TEXT_EXPLAINERS = {
     "selfattn": lambda: SelfAttention(modality="text"),
     "rise": lambda: RISE(modality="text", n_masks_text=16),
     "interactions": lambda: SecondOrderInteractions(modality="text", steps=2),
+    "attnlrp": lambda: AttnLRP(modality="text"),
 }
 
 

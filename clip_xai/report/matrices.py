@@ -15,6 +15,7 @@ import pandas as pd
 
 from clip_xai.report import figures, stats, tables
 from clip_xai.report.collect import example_index
+from clip_xai.report.contents import Item, Report
 
 MATRIX_ARRAYS = ("matrix_clean", "matrix_pert", "matrix_rows")
 
@@ -47,10 +48,8 @@ def matrix_figure(path: Path, out_dir: Path, name: str, title: str, n_samples: i
     return figures.save(fig, out_dir, name)
 
 
-def section(r, sens: pd.DataFrame, n_boot: int, seed: int) -> None:
+def section(r: Report, sens: pd.DataFrame, n_boot: int, seed: int) -> None:
     """Add the matrix figures and the matrix_spearman table to report ``r`` (see module docstring)."""
-    from clip_xai.report.index import Item
-
     if "matrix_spearman" not in sens.columns or not sens["matrix_spearman"].notna().any():
         return
     figdir, tabdir = r.out_dir / "figures", r.out_dir / "tables"
