@@ -231,7 +231,8 @@ FAST = {"rise": ["explainer.n_masks=32", "explainer.n_masks_text=16", "explainer
         "m2ib": ["explainer.steps=2", "explainer.copies=2", "explainer.layer=2"],
         "abm": ["explainer.steps=2", "explainer.noise_samples=2", "explainer.target_layer=2"],
         "mfaba": ["explainer.steps=2"], "surgery": ["explainer.templates=single", "explainer.surgery_layers=2"],
-        "eclip": ["explainer.text_layers=4"], "selfattn": ["explainer.text_layers=4"]}
+        "eclip": ["explainer.text_layers=4"], "selfattn": ["explainer.text_layers=4"],
+        "gem": ["explainer.layers=2"], "interactions": ["explainer.steps=2"]}
 FAST.update({f"{name}_nib": FAST.get(name, []) for name in ("rise", "mfaba", "saliency", "fastig")},
             surgery_demo=FAST["surgery"])
 

@@ -17,7 +17,7 @@ from clip_xai.data import Rival10Dataset, SampleDataset, collate
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.localisation import METRICS
-from clip_xai.schema import LOCALISATION_COLUMNS
+from clip_xai.schema import LOCALISATION_COLUMNS, RUN_COLUMNS
 from clip_xai.studies.localisation import LocalisationStudy, datasets_with_masks
 from tests.helpers import compose_cfg, run_cli
 
@@ -95,7 +95,7 @@ def _run(rival10: Path, out: Path, *overrides: str) -> pd.DataFrame:
 def test_rows_match_direct_computation(rival10: Path, tmp_path: Path, tiny):
     df = _run(rival10, tmp_path, "explainer=gradcam", "study.perturbed=true", "perturbation.eps=0.0314",
               "metrics.mask=ears")
-    assert list(df.columns) == LOCALISATION_COLUMNS and len(df) == 3
+    assert list(df.columns) == LOCALISATION_COLUMNS + RUN_COLUMNS and len(df) == 3
     assert set(df["mask"]) == {"ears"} and set(df["eps"]) == {0.0314}
     no_ears = df.set_index("sample_id").loc[["n03796401_2", "n01531178_3"]]  # truck, bird
     assert (no_ears["map_flag"] == "empty_mask").all() and no_ears["pointing_game"].isna().all()

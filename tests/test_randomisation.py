@@ -9,7 +9,7 @@ import torch
 
 from clip_xai.__main__ import run
 from clip_xai.models.randomise import HEAD, STEM, TowerRandomiser, cascading_states, independent_states, units
-from clip_xai.schema import RANDOMISATION_COLUMNS
+from clip_xai.schema import RANDOMISATION_COLUMNS, RUN_COLUMNS
 from tests.helpers import compose_cfg, run_cli
 
 
@@ -118,7 +118,7 @@ def _run(tmp_path, *overrides: str) -> pd.DataFrame:
 
 def test_sanity_rows_image(tmp_path):
     df = _run(tmp_path, "explainer=saliency", "study.modes=[cascading]", "study.scope=blocks")
-    assert list(df.columns) == RANDOMISATION_COLUMNS
+    assert list(df.columns) == RANDOMISATION_COLUMNS + RUN_COLUMNS
     assert len(df) == 13 and set(df["tower"]) == {"vision"}
     none = df[df["randomisation"] == "none"]
     assert (none[["rand_spearman", "rand_ssim", "rand_topk"]] == 1.0).all().all()  # nothing randomised
