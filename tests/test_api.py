@@ -330,7 +330,7 @@ def test_bad_settings_are_refused(tripwire, photos):
     with pytest.raises(ClipXaiError, match="method gradcam has no setting 'n_masks'") as err:
         clip_xai.explain(tripwire, images, texts, method="gradcam", n_masks=10)
     assert "layer" in err.value.fix
-    with pytest.raises(ClipXaiError, match="unknown perturbation 'fgsmm'.*(?s:.*)fgsm, map_attack, noise, pgd"):
+    with pytest.raises(ClipXaiError, match="unknown perturbation 'fgsmm'.*(?s:.*)fgsm, map_attack, map_attack_transfer, noise, pgd, xshift"):
         clip_xai.perturb(tripwire, images, texts, kind="fgsmm")
     with pytest.raises(ClipXaiError, match="eps=2"):
         clip_xai.perturb(tripwire, images, texts, eps=2)

@@ -226,7 +226,7 @@ def test_study_runs_both_modalities_in_process(tiny, tmp_path):
                      batch_size=2, save_examples=2)
     summary = study.run(ctx)
     df = pd.read_parquet(tmp_path / schema.RESULTS_FILE)
-    assert list(df.columns) == schema.FAITHFULNESS_COLUMNS and len(df) == 2
+    assert list(df.columns) == schema.FAITHFULNESS_COLUMNS + schema.RUN_COLUMNS and len(df) == 2
     assert (df["modality"] == "image+text").all() and (df["study"] == "faithfulness").all()
     metric_cols = ["conf_drop_image", "conf_incr_image", "conf_drop_text", "conf_incr_text", "road"]
     assert df[metric_cols].notna().all().all()
@@ -260,7 +260,7 @@ def test_cli_end_to_end(tmp_path):
     assert len(runs) == 1
     run = runs[0].parent
     df = pd.read_parquet(run / schema.RESULTS_FILE)
-    assert list(df.columns) == schema.FAITHFULNESS_COLUMNS and len(df) == 3
+    assert list(df.columns) == schema.FAITHFULNESS_COLUMNS + schema.RUN_COLUMNS and len(df) == 3
     assert df["conf_drop_image"].notna().all() and df["road"].notna().all()
     assert df["conf_drop_text"].isna().all() and df["conf_incr_text"].isna().all()  # gradcam: image only
     summary = json.loads((run / schema.SUMMARY_FILE).read_text())
