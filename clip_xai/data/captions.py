@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from clip_xai.errors import ClipXaiError
 from clip_xai.types import Batch
 
