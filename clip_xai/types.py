@@ -63,3 +63,12 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def subset(self, keep: list[int]) -> "Batch":
+        """The samples at positions ``keep``, in that order, every per-sample field subset together
+        (``extras`` is batch-level and is carried over as is)."""
+        index = torch.tensor(keep, dtype=torch.long)
+        return Batch(
+            [self.sample_ids[i] for i in keep], self.pixels[index], [self.captions[i] for i in keep],
+            self.labels[index], None if self.object_masks is None else self.object_masks[index], self.extras,
+        )

@@ -479,3 +479,32 @@ def test_remote_of_unknown_checksum_is_said_so():
     assert "not published: verified by counts" in banner
     assert all(r.known_hash for r in prep.SOURCES["flickr8k"].remotes + prep.SOURCES["cc"].remotes)
     assert isinstance(prep.SOURCES["cc"].remotes[0], Remote)
+
+
+def _found(report, what: str):
+    return next(c.found for c in report.checks if c.what == what)
+
+
+def test_verify_and_loaders_count_the_same_files(tmp_path):
+    """Every file format on disk: the verifier counts exactly the files each loader reads (both take
+    the extension sets from the loaders' modules), so a .webp in an ImageNet class folder is counted
+    by neither, and one in a CC shard by both."""
+    from clip_xai.data.conceptual_captions import ConceptualCaptionsDataset
+    from clip_xai.data.imagenet import ImageNetDataset
+
+    suffixes = [".JPEG", ".jpg", ".png", ".webp", ".gif", ".txt"]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    for i, suffix in enumerate(suffixes):
+        (tmp_path / "in" / "val" / "n01440764").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "val" / "n01440764" / f"img{i}{suffix}").write_bytes(buf.getvalue())
+        (tmp_path / "cc" / "00000").mkdir(parents=True, exist_ok=True)
+        if suffix != ".txt":
+            (tmp_path / "cc" / "00000" / f"{i:09d}{suffix}").write_bytes(buf.getvalue())
+            (tmp_path / "cc" / "00000" / f"{i:09d}.txt").write_text("a caption", encoding="utf-8")
+    loaded = len(ImageNetDataset(tmp_path / "in", image_size=8))
+    assert loaded == 3  # .JPEG, .jpg, .png
+    assert _found(ver.verify_imagenet(tmp_path / "in", deep=False), "images") == loaded
+    loaded_cc = len(ConceptualCaptionsDataset(tmp_path / "cc", image_size=8))
+    assert loaded_cc == 4  # .JPEG, .jpg, .png, .webp
+    assert _found(ver.verify_cc(tmp_path / "cc", deep=False), "images with a caption") == loaded_cc

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from clip_xai.errors import ClipXaiError
 from clip_xai.types import Batch
 
@@ -86,11 +84,5 @@ def fit_captions(model, batch: Batch, policy: str) -> FittedBatch:
         for i in long:
             captions[i] = truncate_caption(model, captions[i])
         return FittedBatch(dataclasses.replace(batch, captions=captions), [], {batch.sample_ids[i] for i in long})
-    keep = [i for i in range(len(batch)) if i not in set(long)]
-    index = torch.tensor(keep, dtype=torch.long)
-    kept = dataclasses.replace(
-        batch, sample_ids=[batch.sample_ids[i] for i in keep], pixels=batch.pixels[index],
-        captions=[batch.captions[i] for i in keep], labels=batch.labels[index],
-        object_masks=None if batch.object_masks is None else batch.object_masks[index],
-    )
+    kept = batch.subset([i for i in range(len(batch)) if i not in set(long)])
     return FittedBatch(kept, [batch.sample_ids[i] for i in long], set())

@@ -21,13 +21,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from clip_xai.data import conceptual_captions, imagenet
 from clip_xai.data.base import _READ_ERRORS, resolve_root
 from clip_xai.data.rival10 import RIVAL10_ATTRIBUTES, RIVAL10_WNIDS
 from clip_xai.errors import ClipXaiError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 # Official counts (sources: Hodosh et al. 2013 and the Flickr8k_text files; Sharma et al. 2018 and
 # the GCC-1.1.0 validation TSV; ILSVRC-2012 devkit readme; the RIVAL10 project page).
 OFFICIAL = {
@@ -101,8 +101,10 @@ def _listdir(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _images(paths: Iterable[Path]) -> list[Path]:
-    return [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+def _images(paths: Iterable[Path], extensions: set[str]) -> list[Path]:
+    """The files among ``paths`` that a loader reads: ``extensions`` is that loader's own constant,
+    so the verifier and the loader cannot disagree on which files count."""
+    return [p for p in paths if p.suffix.lower() in extensions and p.is_file()]
 
 
 def _decode(path: Path) -> str | None:
@@ -143,7 +145,8 @@ def verify_flickr8k(root: Path, deep: bool = True, workers: int = 4) -> Report:
     if images_dir is None or not (text / "Flickr8k.token.txt").is_file():
         raise _missing_root("flickr8k", root, "Flicker8k_Dataset/*.jpg and Flickr8k_text/Flickr8k.token.txt")
     off = OFFICIAL["flickr8k"]
-    images = {p.name: p for p in _images(_listdir(images_dir))}
+    # the Flickr8k loader opens images by caption name; count the formats the CC loader reads
+    images = {p.name: p for p in _images(_listdir(images_dir), conceptual_captions.IMAGE_EXTENSIONS)}
     captions = read_flickr8k_tokens(text / "Flickr8k.token.txt")
     rep.count("images", len(images), off["images"])
     n_caps = sum(len(c) for name, c in captions.items() if name in images)
@@ -238,7 +241,7 @@ def verify_imagenet(root: Path, deep: bool = True, workers: int = 4) -> Report:
     classes = [d for d in _listdir(folder) if d.is_dir()]
     rep.problem("folders that are not wnids", [d.name for d in classes if not wnid.fullmatch(d.name)])
     classes = [d for d in classes if wnid.fullmatch(d.name)]
-    per_class = {d.name: _images(_listdir(d)) for d in classes}
+    per_class = {d.name: _images(_listdir(d), imagenet.IMAGE_EXTENSIONS) for d in classes}
     rep.count("classes", len(classes), off["classes"])
     rep.count("images", sum(map(len, per_class.values())), off["images"])
     rep.count("classes with 50 images", sum(len(v) == off["per_class"] for v in per_class.values()), len(classes))
@@ -271,7 +274,7 @@ def verify_cc(root: Path, deep: bool = True, workers: int = 4) -> Report:
     if not root.is_dir():
         raise _missing_root("cc", root, "<shard>/000000001.jpg + 000000001.txt (img2dataset 'files')")
     files = [p for d in _listdir(root) if d.is_dir() for p in _listdir(d)]
-    images = _images(files)
+    images = _images(files, conceptual_captions.IMAGE_EXTENSIONS)
     names = {str(p) for p in files}
     has_caption = [str(p.with_suffix(".txt")) in names for p in images]  # one pass: no list lookups
     captioned = [p for p, ok in zip(images, has_caption) if ok]

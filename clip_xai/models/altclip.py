@@ -136,12 +136,9 @@ class AltClipText(Tower):
         return tokens.pool_index
 
     def project_tokens(self, x: Tensor) -> Tensor:
+        # pre_LN and transformation act per token, so the base pool (token first) equals HF's order.
         tm = self.text_model
         return self.text_projection(tm.transformation(tm.pre_LN(x)))
-
-    def pool(self, x: Tensor, tokens: TextTokens) -> Tensor:
-        # pre_LN and transformation act per token, so pooling first equals HF's order.
-        return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
 
 
 def tiny_xlmr_tokenizer(model_max_length: int = ALTCLIP_CONTEXT):

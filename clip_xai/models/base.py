@@ -220,7 +220,10 @@ class Tower(nn.Module):
         raise NotImplementedError
 
     def pool(self, x: Tensor, inputs) -> Tensor:
-        raise NotImplementedError
+        """The embedding: :meth:`project_tokens` of each row's token at :meth:`pool_index`. Towers
+        whose pooling is not a per-token head on one token (open_clip's attention/average pools,
+        opaque towers) override it."""
+        return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), self.pool_index(inputs)])
 
     def project_tokens(self, x: Tensor) -> Tensor:
         raise NotImplementedError

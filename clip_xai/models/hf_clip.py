@@ -105,7 +105,8 @@ class HfClipVision(PixelInput, Tower):
         return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
 
     def pool(self, x: Tensor, inputs=None) -> Tensor:
-        return self.visual_projection(self.vision_model.post_layernorm(x[:, 0]))
+        """The base pool at the class token, callable without ``inputs`` (the index is always 0)."""
+        return self.project_tokens(x[:, 0])
 
     def project_tokens(self, x: Tensor) -> Tensor:
         return self.visual_projection(self.vision_model.post_layernorm(x))
@@ -140,8 +141,6 @@ class HfClipText(Tower):
     def project_tokens(self, x: Tensor) -> Tensor:
         return self.text_projection(self.text_model.final_layer_norm(x))
 
-    def pool(self, x: Tensor, tokens: TextTokens) -> Tensor:
-        return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
 
 
 def merge_config(base: dict, overrides: dict | None) -> dict:

@@ -223,8 +223,6 @@ class OpenClipText(Tower):
     def pool_index(self, tokens: TextTokens) -> Tensor:
         return tokens.pool_index
 
-    def pool(self, x: Tensor, tokens: TextTokens) -> Tensor:
-        return self.project_tokens(x[torch.arange(x.shape[0], device=x.device), tokens.pool_index])
 
     def project_tokens(self, x: Tensor) -> Tensor:
         x = self.src.ln_final(x)

@@ -1,4 +1,4 @@
-"""A grid of mean-with-CI-band curves, one curve per method (the localisation and randomisation figures)."""
+"""A grid of mean-with-CI-band curves, one curve per method (the sensitivity, localisation and randomisation figures)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,14 +11,14 @@ from clip_xai.report import figures
 
 
 def band_grid(summary: pd.DataFrame, group_by: list[str], metrics: list[str], x: str, out_dir: Path, name: str,
-              label: Callable, width: float = 3.4) -> list[Path]:
+              label: Callable, width: float = 3.4, height: float = 3.0) -> list[Path]:
     """Rows = groups of ``group_by``, columns = ``metrics``; each panel plots ``mean`` against ``x`` per
     method with its ``lo``–``hi`` band. ``label(ax, key, metric, panel_frame)`` titles and labels a panel."""
     methods = sorted(summary["method"].unique())
     pal = figures._palette(methods)
     groups = list(summary.groupby(group_by, sort=True, dropna=False))
     with sns.axes_style("whitegrid"):
-        fig, axes = figures._figure(len(groups), len(metrics), width, 3.0)
+        fig, axes = figures._figure(len(groups), len(metrics), width, height)
         for i, (key, g) in enumerate(groups):
             for j, metric in enumerate(metrics):
                 ax, d = axes[i, j], g[g["metric"] == metric].sort_values(x)
@@ -28,3 +28,13 @@ def band_grid(summary: pd.DataFrame, group_by: list[str], metrics: list[str], x:
                 label(ax, key if isinstance(key, tuple) else (key,), metric, d)
         axes[0, -1].legend(fontsize=7, loc="best", title="method (95% CI)", title_fontsize=7)
     return figures.save(fig, out_dir, name)
+
+
+def sensitivity_curves(summary: pd.DataFrame, out_dir: Path, name: str = "sensitivity_vs_eps") -> list[Path]:
+    """Mean metric vs ε per method with bootstrap CI bands; rows = settings, columns = metrics."""
+    metrics = [m for m in figures.SENS_METRICS if m in set(summary["metric"])]
+
+    def label(ax, key, metric, _d) -> None:
+        ax.set(xlabel="ε", ylabel=f"mean {figures.SENS_METRICS[metric]}", title=" · ".join(map(str, key)))
+
+    return band_grid(summary, figures.SETTING, metrics, "eps", out_dir, name, label, width=4.0, height=3.2)

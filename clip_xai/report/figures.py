@@ -44,28 +44,6 @@ def _palette(methods: list[str]) -> dict[str, Any]:
     return dict(zip(methods, sns.color_palette("colorblind" if len(methods) <= 10 else "husl", len(methods))))
 
 
-def sensitivity_curves(summary: pd.DataFrame, out_dir: Path, name: str = "sensitivity_vs_eps") -> list[Path]:
-    """Mean metric vs ε per method with bootstrap CI bands; rows = settings, columns = metrics."""
-    metrics = [m for m in SENS_METRICS if m in set(summary["metric"])]
-    groups = list(summary.groupby(SETTING, sort=True, dropna=False))
-    methods = sorted(summary["method"].unique())
-    pal = _palette(methods)
-    with sns.axes_style("whitegrid"):
-        fig, axes = _figure(len(groups), len(metrics), 4.0, 3.2)
-        for i, (setting, s) in enumerate(groups):
-            for j, metric in enumerate(metrics):
-                ax, d = axes[i, j], s[s["metric"] == metric].sort_values("eps")
-                for method, g in d.groupby("method"):
-                    ax.fill_between(g["eps"], g["lo"], g["hi"], color=pal[method], alpha=0.2, linewidth=0)
-                sns.lineplot(data=d, x="eps", y="mean", hue="method", hue_order=methods, palette=pal, marker="o",
-                             errorbar=None, ax=ax, legend=(i == 0 and j == len(metrics) - 1))
-                ax.set(xlabel="ε", ylabel=f"mean {SENS_METRICS[metric]}", title=" · ".join(map(str, setting)))
-        leg = axes[0, -1].get_legend()
-        if leg is not None:
-            sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), title="method (95% CI)")
-        return save(fig, out_dir, name)
-
-
 def metric_vs_simdiff(sens: pd.DataFrame, metric: str, out_dir: Path, seed: int = 0) -> list[Path]:
     """Metric vs Δs (sim_diff), one panel per method; scatter coloured by ε, hexbin when dense."""
     methods = sorted(sens["method"].unique())

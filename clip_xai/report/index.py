@@ -8,7 +8,7 @@ from typing import Iterable
 import pandas as pd
 
 from clip_xai import provenance
-from clip_xai.report import controls, figures, stats, tables
+from clip_xai.report import bands, controls, figures, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import matrices as matrices_report
 from clip_xai.report import randomisation as randomisation_report
@@ -32,7 +32,7 @@ def _sensitivity(r: Report, sens: pd.DataFrame, n_boot: int, seed: int, grid_eps
     r.tables.append(Item("Sensitivity summary", tables.write(df, md, tabdir, "sensitivity_summary",
                                                                "Sensitivity: mean [95% bootstrap CI]"),
                          f"mean map stability per method and ε with 95% bootstrap CIs ({n_boot} resamples over samples)"))
-    r.figures.append(Item("Stability vs ε", figures.sensitivity_curves(summary, figdir),
+    r.figures.append(Item("Stability vs ε", bands.sensitivity_curves(summary, figdir),
                           "mean Spearman / SSIM / Top-K vs ε per method, shaded 95% bootstrap CI; higher = more stable"))
     if "sim_diff" in sens.columns and sens["sim_diff"].notna().any():
         for m in metrics:

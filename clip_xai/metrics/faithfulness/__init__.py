@@ -56,6 +56,7 @@ def _flag_bits(maps: Tensor, where: Tensor | None, nan_bit: int, const_bit: int)
     """(B,) int64: ``nan_bit`` if a map holds NaN/inf (over ``where``), else ``const_bit`` if constant.
 
     A map with no entries under ``where`` (e.g. a caption without content tokens) is constant.
+    Not :func:`clip_xai.metrics.sensitivity.flags.unusable_rows`: it looks only at entries under ``where``.
     """
     x = maps.flatten(1).float()
     m = torch.ones_like(x, dtype=torch.bool) if where is None else where.flatten(1).bool()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from clip_xai.metrics.sensitivity.flags import unusable_rows
+
 from . import auroc as _auroc_mod
 from . import energy_pointing_game as _energy_mod
 from . import pointing_game as _pointing_mod
@@ -77,8 +79,7 @@ class LocalisationMetrics:
         m = masks.reshape(masks.shape[0], -1)
         if x.shape != m.shape:
             raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} differ in shape")
-        nonfinite = ~torch.isfinite(x).all(dim=1)
-        constant = (x.amax(dim=1) == x.amin(dim=1)) & ~nonfinite
+        nonfinite, constant = unusable_rows(x)
         area = m.sum(dim=1)
         empty, full = area == 0, area == m.shape[1]
         unusable = nonfinite | constant | empty | full

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._util import flatten_pair, nonfinite_rows
 
-__all__ = ["FLAG_BITS", "map_flag_codes", "decode_flags", "map_flags"]
+__all__ = ["FLAG_BITS", "unusable_rows", "map_flag_codes", "decode_flags", "map_flags"]
 
 # Bit -> name. A map with a NaN or inf gets only its "nan_*" flag (its constancy is moot).
 FLAG_BITS: dict[int, str] = {
@@ -18,6 +18,13 @@ FLAG_BITS: dict[int, str] = {
 }
 
 
+def unusable_rows(m: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, N) maps -> two (B,) bools: ``nonfinite`` (a NaN or ±inf) and ``constant`` (every value
+    equal, exact; only where finite). The one rule behind every suite's "nan_*"/"constant_*" flags."""
+    bad = nonfinite_rows(m)
+    return bad, (m.amax(dim=1) == m.amin(dim=1)) & ~bad
+
+
 def map_flag_codes(clean: Tensor, pert: Tensor) -> Tensor:
     """(B,) int64 bitmask of ``FLAG_BITS`` on the input device; 0 when both maps are usable.
 
@@ -26,8 +33,7 @@ def map_flag_codes(clean: Tensor, pert: Tensor) -> Tensor:
     x, y = flatten_pair(clean, pert)
     code = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     for m, nan_bit, const_bit in ((x, 1, 2), (y, 4, 8)):
-        bad = nonfinite_rows(m)
-        const = (m.amax(dim=1) == m.amin(dim=1)) & ~bad
+        bad, const = unusable_rows(m)
         code |= bad.to(torch.int64) * nan_bit
         code |= const.to(torch.int64) * const_bit
     return code
