@@ -36,3 +36,19 @@ def varies(values, rtol: float = 1e-4) -> bool:
     values = values.detach().double().flatten()
     scale = values.abs().max().item()
     return scale > 0 and (values.max() - values.min()).item() > rtol * scale
+
+
+def hf_normalised(adapter, pixels):
+    """[0,1] pixels as a transformers vision model takes them (the adapter's own mean/std)."""
+    return (pixels - adapter.vision.mean) / adapter.vision.std
+
+
+def native_hf_tower(adapter, kind: str, inputs):
+    """(projected embedding, last block's attention probabilities) from transformers' own forward of an
+    HF-backed adapter (CLIPModel or AltCLIPModel: the same vision/text/projection attributes)."""
+    m = adapter.model
+    if kind == "vision":
+        out = m.vision_model(pixel_values=hf_normalised(adapter, inputs), output_attentions=True)
+        return m.visual_projection(out.pooler_output), out.attentions[-1]
+    out = m.text_model(input_ids=inputs.ids, attention_mask=inputs.attention_mask, output_attentions=True)
+    return m.text_projection(out.pooler_output), out.attentions[-1]

@@ -10,6 +10,7 @@ from torch import Tensor
 from clip_xai.errors import ClipXaiError
 from clip_xai.models import weights
 from clip_xai.models.altclip import AltClipAdapter
+from tests.helpers import hf_normalised, native_hf_tower
 
 CAPTIONS = ["a photo of a cat", "dog", "two birds on a wire, at dusk"]
 TOL = 1e-5
@@ -30,8 +31,6 @@ def _features(out) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
-def _normalised(adapter: AltClipAdapter, pixels: Tensor) -> Tensor:
-    return (pixels - adapter.vision.mean) / adapter.vision.std
 
 
 def _max_dev(a: Tensor, b: Tensor) -> float:
@@ -52,7 +51,7 @@ def test_config_and_attributes(adapter):
 @pytest.mark.adapter
 def test_vision_matches_native(adapter, pixels):
     ours, _ = adapter.vision(pixels)
-    native = _features(adapter.model.get_image_features(pixel_values=_normalised(adapter, pixels)))
+    native = _features(adapter.model.get_image_features(pixel_values=hf_normalised(adapter, pixels)))
     assert ours.shape == native.shape == (2, 64)
     assert _max_dev(ours, native) < TOL
 
@@ -80,7 +79,7 @@ def test_project_tokens_match_native_sequence(adapter):
     pix = torch.rand(1, 3, 224, 224)
     xv, _ = adapter.vision.run(*adapter.vision.embed(pix))
     vm = adapter.model.vision_model
-    hidden = vm(pixel_values=_normalised(adapter, pix)).last_hidden_state
+    hidden = vm(pixel_values=hf_normalised(adapter, pix)).last_hidden_state
     native = adapter.model.visual_projection(vm.post_layernorm(hidden))
     assert _max_dev(adapter.vision.project_tokens(xv), native) < TOL
 
@@ -89,7 +88,7 @@ def test_project_tokens_match_native_sequence(adapter):
 def test_attention_probs_and_hidden_states_match_native(adapter, pixels):
     n = adapter.vision.n_layers
     _, recs = adapter.vision(pixels, record=range(n))
-    out = adapter.model.vision_model(pixel_values=_normalised(adapter, pixels), output_attentions=True,
+    out = adapter.model.vision_model(pixel_values=hf_normalised(adapter, pixels), output_attentions=True,
                                      output_hidden_states=True)
     assert len(out.attentions) == n
     for i in range(n):
@@ -112,14 +111,6 @@ def test_attention_probs_and_hidden_states_match_native(adapter, pixels):
         assert probs.masked_select(pad_keys).abs().max().item() == 0.0  # padding gets no attention
 
 
-def _native_tower(adapter: AltClipAdapter, kind: str, inputs) -> tuple[Tensor, Tensor]:
-    """(projected embedding, last block's attention probabilities) from transformers' own forward."""
-    m = adapter.model
-    if kind == "vision":
-        out = m.vision_model(pixel_values=_normalised(adapter, inputs), output_attentions=True)
-        return m.visual_projection(out.pooler_output), out.attentions[-1]
-    out = m.text_model(input_ids=inputs.ids, attention_mask=inputs.attention_mask, output_attentions=True)
-    return m.text_projection(out.pooler_output), out.attentions[-1]
 
 
 # Gradients of the recorded path and of the native forward agree to a relative 1e-5 of the
@@ -158,7 +149,7 @@ def test_recorded_and_fused_paths_agree_and_carry_gradients(adapter, pixels):
                         emb, recs = tower(inp, record=(-1,))
                         probs = recs[tower.n_layers - 1].probs
                     else:
-                        emb, probs = _native_tower(adapter, kind, inp)
+                        emb, probs = native_hf_tower(adapter, kind, inp)
                     out = emb if target == "embedding" else probs
                     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
                     (grad,) = torch.autograd.grad((out * weights).sum(), leaf)

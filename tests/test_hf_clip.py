@@ -19,7 +19,7 @@ from clip_xai.explainers.postprocess import image_maps, text_maps
 from clip_xai.models import weights
 from clip_xai.models.hf_clip import HfClipAdapter, hf_clip_from_open_clip
 from clip_xai.models.openclip import OpenClipAdapter
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, hf_normalised, native_hf_tower
 
 CAPTIONS = ["a photo of a cat", "dog", "two birds on a wire, at dusk"]
 TOL = 1e-5
@@ -36,8 +36,6 @@ def pixels() -> Tensor:
     return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
-def _normalised(adapter, pixels: Tensor) -> Tensor:
-    return (pixels - adapter.vision.mean) / adapter.vision.std
 
 
 def _dev(a: Tensor, b: Tensor) -> float:
@@ -63,7 +61,7 @@ def test_tokens_equal_open_clip_up_to_eos(hf, tiny):
 
 @pytest.mark.adapter
 def test_forwards_match_native(hf, pixels):
-    native = hf.model.get_image_features(pixel_values=_normalised(hf, pixels)).pooler_output
+    native = hf.model.get_image_features(pixel_values=hf_normalised(hf, pixels)).pooler_output
     assert _dev(hf.vision(pixels)[0], native) < TOL
     tokens = hf.tokenize(CAPTIONS)
     ours, _ = hf.text(tokens)
@@ -78,7 +76,7 @@ def test_forwards_match_native(hf, pixels):
 def test_records_and_token_projections_match_native(hf, pixels):
     n = hf.vision.n_layers
     _, recs = hf.vision(pixels, record=range(n))
-    out = hf.model.vision_model(pixel_values=_normalised(hf, pixels), output_attentions=True, output_hidden_states=True)
+    out = hf.model.vision_model(pixel_values=hf_normalised(hf, pixels), output_attentions=True, output_hidden_states=True)
     for i in range(n):
         assert recs[i].probs.shape == out.attentions[i].shape == (2, 2, 50, 50)
         assert _dev(recs[i].probs, out.attentions[i]) < TOL
@@ -103,14 +101,6 @@ def test_records_and_token_projections_match_native(hf, pixels):
     assert _dev(hf.text.project_tokens(xt)[upto], native[upto]) < TOL
 
 
-def _native_tower(hf, kind: str, inputs) -> tuple[Tensor, Tensor]:
-    """(projected embedding, last block's attention probabilities) from transformers' CLIPModel."""
-    m = hf.model
-    if kind == "vision":
-        out = m.vision_model(pixel_values=_normalised(hf, inputs), output_attentions=True)
-        return m.visual_projection(out.pooler_output), out.attentions[-1]
-    out = m.text_model(input_ids=inputs.ids, attention_mask=inputs.attention_mask, output_attentions=True)
-    return m.text_projection(out.pooler_output), out.attentions[-1]
 
 
 # Float32 chains of the same operations in another association order: measured 1e-7 to 1e-6
@@ -146,7 +136,7 @@ def test_recorded_and_fused_paths_agree_with_gradients(hf, pixels):
                         emb, recs = tower(inp, record=(-1,))
                         probs = recs[tower.n_layers - 1].probs
                     else:
-                        emb, probs = _native_tower(hf, kind, inp)
+                        emb, probs = native_hf_tower(hf, kind, inp)
                     out = emb if target == "embedding" else probs
                     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
                     if kind == "text" and target == "probs":
@@ -222,8 +212,8 @@ def test_converted_model_embeds_identically(twins, sample_images):
     pixels, captions = sample_images
     assert _dev(oc.encode_image(pixels), hf.encode_image(pixels)) < 1e-5
     assert _dev(oc.encode_text(oc.tokenize(list(captions))), hf.encode_text(hf.tokenize(list(captions)))) < 1e-5
-    native = hf.model.get_image_features(pixel_values=_normalised(hf, pixels)).pooler_output
-    assert _dev(native, oc.model.encode_image(_normalised(oc, pixels))) < 1e-5
+    native = hf.model.get_image_features(pixel_values=hf_normalised(hf, pixels)).pooler_output
+    assert _dev(native, oc.model.encode_image(hf_normalised(oc, pixels))) < 1e-5
 
 
 # Small settings (the maps only need to agree): layers inside 4 blocks, few masks, steps and copies.
