@@ -141,4 +141,7 @@ def test_entrypoint_on_cuda(tmp_path, args):
     (summary_file,) = tmp_path.glob("cuda/*/summary.json")
     summary = json.loads(summary_file.read_text())
     assert summary["run"]["device"].startswith("cuda") and summary["run"]["precision"] == args[0].split("=")[1]
-    assert all(v == v for v in summary["means"].values() if isinstance(v, float)), summary["means"]
+    # the study's headline metrics are finite (columns that are NaN by design, e.g. `objective` under
+    # FGSM or `matrix_spearman` for a method without a matrix, have NaN means and are not asserted)
+    headline = ("conf_drop_image", "conf_incr_image") if "study=faithfulness" in args else ("spearman", "ssim", "topk", "sim_diff")
+    assert all(summary["means"][k] == summary["means"][k] for k in headline), summary["means"]
