@@ -52,3 +52,33 @@ def native_hf_tower(adapter, kind: str, inputs):
         return m.visual_projection(out.pooler_output), out.attentions[-1]
     out = m.text_model(input_ids=inputs.ids, attention_mask=inputs.attention_mask, output_attentions=True)
     return m.text_projection(out.pooler_output), out.attentions[-1]
+
+
+def recorded_and_native_grads(adapter, kind: str, target: str, pixels, tokens, table, mask_padded_queries=False):
+    """Gradients of one seeded random weighting of the embedding (``target="embedding"``) or of the
+    last block's attention (``"probs"``), through the adapter's recorded path and through
+    transformers' native forward: at the pixels (vision) or at the word-embedding ``table`` (text).
+    ``mask_padded_queries`` zeroes the text weights of padded query rows (masked differently by HF CLIP)."""
+    import torch
+
+    tower = adapter.vision if kind == "vision" else adapter.text
+    grads = []
+    for path in ("recorded", "native"):
+        leaf = pixels.clone().requires_grad_(True) if kind == "vision" else table
+        inp = leaf if kind == "vision" else tokens
+        table.requires_grad_(kind == "text")  # the adapter freezes its weights
+        try:
+            if path == "recorded":
+                emb, recs = tower(inp, record=(-1,))
+                probs = recs[tower.n_layers - 1].probs
+            else:
+                emb, probs = native_hf_tower(adapter, kind, inp)
+            out = emb if target == "embedding" else probs
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+            if mask_padded_queries and kind == "text" and target == "probs":
+                weights = weights * tokens.attention_mask[:, None, :, None]
+            (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
+        finally:
+            table.requires_grad_(False)
+        grads.append(grad)
+    return grads

@@ -10,7 +10,7 @@ from torch import Tensor
 from clip_xai.errors import ClipXaiError
 from clip_xai.models import weights
 from clip_xai.models.altclip import AltClipAdapter
-from tests.helpers import hf_normalised, native_hf_tower
+from tests.helpers import hf_normalised, recorded_and_native_grads
 
 CAPTIONS = ["a photo of a cat", "dog", "two birds on a wire, at dusk"]
 TOL = 1e-5
@@ -139,24 +139,7 @@ def test_recorded_and_fused_paths_agree_and_carry_gradients(adapter, pixels):
         assert set(recs) == {tower.n_layers - 1}
 
         for target in ("embedding", "probs"):
-            grads = []
-            for path in ("recorded", "native"):
-                leaf = pixels.clone().requires_grad_(True) if kind == "vision" else table
-                inp = leaf if kind == "vision" else tokens
-                table.requires_grad_(kind == "text")  # the adapter freezes its weights
-                try:
-                    if path == "recorded":
-                        emb, recs = tower(inp, record=(-1,))
-                        probs = recs[tower.n_layers - 1].probs
-                    else:
-                        emb, probs = native_hf_tower(adapter, kind, inp)
-                    out = emb if target == "embedding" else probs
-                    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-                    (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
-                finally:
-                    table.requires_grad_(False)
-                grads.append(grad)
-            recorded, native = grads
+            recorded, native = recorded_and_native_grads(adapter, kind, target, pixels, tokens, table)
             scale = native.abs().max().item()
             assert scale > 1e-3, (kind, target, scale)  # a real gradient, far above rounding (~1e-11)
             assert _max_dev(recorded, native) <= GRAD_RTOL * scale, (kind, target)

@@ -19,7 +19,7 @@ from clip_xai.explainers.postprocess import image_maps, text_maps
 from clip_xai.models import weights
 from clip_xai.models.hf_clip import HfClipAdapter, hf_clip_from_open_clip
 from clip_xai.models.openclip import OpenClipAdapter
-from tests.helpers import compose_cfg, hf_normalised, native_hf_tower
+from tests.helpers import compose_cfg, hf_normalised, recorded_and_native_grads
 
 CAPTIONS = ["a photo of a cat", "dog", "two birds on a wire, at dusk"]
 TOL = 1e-5
@@ -126,26 +126,7 @@ def test_recorded_and_fused_paths_agree_with_gradients(hf, pixels):
         y, recs = tower.run(x, bias, record=(-1,))
         assert _dev(fused, tower.pool(y, inputs)) < TOL
         for target in ("embedding", "probs"):
-            grads = []
-            for path in ("recorded", "native"):
-                leaf = pixels.clone().requires_grad_(True) if kind == "vision" else table
-                inp = leaf if kind == "vision" else tokens
-                table.requires_grad_(kind == "text")  # the adapter freezes its weights
-                try:
-                    if path == "recorded":
-                        emb, recs = tower(inp, record=(-1,))
-                        probs = recs[tower.n_layers - 1].probs
-                    else:
-                        emb, probs = native_hf_tower(hf, kind, inp)
-                    out = emb if target == "embedding" else probs
-                    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-                    if kind == "text" and target == "probs":
-                        weights = weights * tokens.attention_mask[:, None, :, None]
-                    (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
-                finally:
-                    table.requires_grad_(False)
-                grads.append(grad)
-            recorded, native = grads
+            recorded, native = recorded_and_native_grads(hf, kind, target, pixels, tokens, table, mask_padded_queries=True)
             scale = native.abs().max().item()
             assert scale > 1e-3, (kind, target, scale)  # a real gradient, far above rounding
             assert _dev(recorded, native) <= GRAD_RTOL * scale, (kind, target, _dev(recorded, native) / scale)
