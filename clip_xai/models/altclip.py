@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, Tower, square_size
+from clip_xai.models.base import BlockOps, Tower, keep_size_setting, square_size
 from clip_xai.models.hf_clip import (
     HfDualEncoder,
     clip_processor,
@@ -172,17 +172,19 @@ class AltClipAdapter(HfDualEncoder):
     tokenizer); False builds a small random AltCLIP (:data:`TINY_CONFIG` updated with
     ``config_overrides``, weights seeded by ``seed``) with the test-only
     :func:`tiny_xlmr_tokenizer`. Models load with ``attn_implementation="eager"`` so that the
-    native ``output_attentions=True`` works for cross-checks.
+    native ``output_attentions=True`` works for cross-checks. ``keep_size``: the input mode
+    (``model.keep_size``; see :class:`~clip_xai.models.base.PixelInput`).
     """
 
     text_mask_rule = "pad_attention"  # XLM-R id 0 is <s>: writing 0 would insert start tokens
     family = "AltCLIP"
 
     def __init__(self, name: str, repo_id: str = "BAAI/AltCLIP", pretrained: bool | str = True, seed: int = 0,
-                 cache_dir: str | None = None, config_overrides: dict | None = None):
+                 cache_dir: str | None = None, config_overrides: dict | None = None, keep_size: bool = False):
         super().__init__()
         from transformers import AltCLIPConfig, AltCLIPModel
 
+        keep_size = keep_size_setting(keep_size)
         self.name = name
         self.pretrained = pretrained
         if pretrained is False or pretrained is None:
@@ -198,7 +200,7 @@ class AltClipAdapter(HfDualEncoder):
             source, model = load_pretrained(AltCLIPModel, "AltCLIP", repo_id, pretrained, cache_dir,
                                             config_overrides)
             processor, tokenizer = _load_processor(source, cache_dir, model)
-        self._attach(model, processor, tokenizer, AltClipText(model))
+        self._attach(model, processor, tokenizer, AltClipText(model), keep_size)
         tcfg = model.config.text_config
         self.pad_id = int(tcfg.pad_token_id)
         self.bos_id = int(tcfg.bos_token_id)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import BlockOps, ClipAdapter, PixelInput, Tower, square_size
+from clip_xai.models.base import BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting, square_size
 from clip_xai.models.preprocess import OPENAI_MEAN, OPENAI_STD
 from clip_xai.models.weights import OFFLINE_FIX, ensure_reachable_hf
 from clip_xai.types import TextTokens
@@ -81,22 +81,26 @@ class HfClipVision(PixelInput, Tower):
     stem_paths = ("vision_model.embeddings", "vision_model.pre_layrnorm")
     head_paths = ("vision_model.post_layernorm", "visual_projection")
 
-    def __init__(self, model: nn.Module, mean: tuple, std: tuple):
+    def __init__(self, model: nn.Module, mean: tuple, std: tuple, keep_size: bool = False):
         super().__init__()
         self.vision_model = model.vision_model
         self.visual_projection = model.visual_projection
         self.blocks = [HfClipBlock(layer) for layer in self.vision_model.encoder.layers]
         self.width = self.vision_model.config.hidden_size
-        self._set_pixels(square_size(self.vision_model.config.image_size, "image size"), mean, std)
+        cfg = self.vision_model.config
+        self._set_pixels(square_size(cfg.image_size, "image size"), mean, std,
+                         square_size(cfg.patch_size, "patch size"), keep_size)
 
     def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         emb = self.vision_model.embeddings
         w = emb.patch_embedding.weight
         x = emb.patch_embedding(self.normalise(pixels).to(w.dtype))
+        grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        return x + emb.position_embedding.weight[: x.shape[1]].to(x.dtype), None
+        # keep-size mode: the positions interpolated as HF's interpolate_pos_encoding (same formula)
+        return x + self.patch_positions(emb.position_embedding.weight, grid, x.dtype), None
 
     def embedding_norm(self, e: Tensor) -> Tensor:
         return self.vision_model.pre_layrnorm(e)
@@ -246,13 +250,13 @@ class HfDualEncoder(ClipAdapter):
 
     family: str
 
-    def _attach(self, model: nn.Module, processor, tokenizer, text: Tower) -> None:
+    def _attach(self, model: nn.Module, processor, tokenizer, text: Tower, keep_size: bool = False) -> None:
         model.eval().requires_grad_(False)
         self.model = model
         self._processor = processor
         self._tokenizer = tokenizer
         mean, std = processor_mean_std(processor)
-        self.vision = HfClipVision(model, mean, std)
+        self.vision = HfClipVision(model, mean, std, keep_size)
         self.text = text
         self.image_size = self.vision.image_size
         self.patch_size = square_size(model.config.vision_config.patch_size)
@@ -281,16 +285,19 @@ class HfClipAdapter(HfDualEncoder):
     ``pretrained``: True loads ``repo_id`` (hub id, after a fail-fast offline check); a string is
     a local directory written by ``save_pretrained``; False builds a RANDOM CLIP
     (:data:`TINY_CONFIG` updated with ``config_overrides``, weights seeded by ``seed``) with
-    :func:`clip_bpe_tokenizer`.
+    :func:`clip_bpe_tokenizer`. ``keep_size``: the input mode (``model.keep_size``; see
+    :class:`~clip_xai.models.base.PixelInput`).
     """
 
     family = "CLIP"
 
     def __init__(self, name: str, repo_id: str = "openai/clip-vit-base-patch32", pretrained: bool | str = True,
-                 seed: int = 0, cache_dir: str | None = None, config_overrides: dict | None = None):
+                 seed: int = 0, cache_dir: str | None = None, config_overrides: dict | None = None,
+                 keep_size: bool = False):
         super().__init__()
         from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
+        keep_size = keep_size_setting(keep_size)
         self.name = name
         self.pretrained = pretrained
         if pretrained is False or pretrained is None:
@@ -311,7 +318,7 @@ class HfClipAdapter(HfDualEncoder):
                 raise ClipXaiError(f"no CLIP processor/tokenizer found with the weights in {source}: {err}",
                                    "save the processor next to the model (HfClipAdapter.save_pretrained)") from err
             tokenizer = processor.tokenizer
-        self._attach(model, processor, tokenizer, HfClipText(model))
+        self._attach(model, processor, tokenizer, HfClipText(model), keep_size)
         tcfg = model.config.text_config
         self.eos_id = int(tcfg.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
