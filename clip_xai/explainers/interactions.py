@@ -264,7 +264,7 @@ class SecondOrderInteractions(Explainer):
         """(B, L, h, w): interactions of each text position with each patch (class token dropped)."""
         res = second_order(model, pixels, tokens, self.steps, self.image_layer, self.text_layer, self.filler(model),
                            self.chunk, self.name)
-        h, w = model.grid
+        h, w = model.grid_for(pixels)  # the input's grid (keep-size mode: any size)
         a = res.tokens_x_image[:, :, model.n_prefix:]
         return a.reshape(a.shape[0], a.shape[1], h, w)
 

@@ -254,21 +254,24 @@ class RISE(Explainer):
         self._compiled: dict[tuple, tuple] = {}
         self._auto_chunks: dict[tuple, int] = {}
 
-    def chunk_size(self, model: ClipAdapter, device: torch.device) -> int:
-        """Inputs per forward pass: ``chunk``, or :func:`auto_chunk` for the explained tower.
+    def chunk_size(self, model: ClipAdapter, device: torch.device, size: tuple[int, int] | None = None) -> int:
+        """Inputs per forward pass: ``chunk``, or :func:`auto_chunk` for the explained tower at image
+        size ``size`` = (H, W) (None: the model's own size; keep-size inputs are larger or smaller).
 
-        The auto value is decided once per (model, device, precision) and kept, so every map of a
-        job sums its masks in the same passes (free memory changes as the allocator caches blocks).
+        The auto value is decided once per (model, device, precision, size) and kept, so every map of
+        a job sums its masks in the same passes (free memory changes as the allocator caches blocks).
         """
         if self.chunk != "auto":
             return self.chunk
         device = torch.device(device)
         elt = torch.get_autocast_dtype(device.type).itemsize if torch.is_autocast_enabled(device.type) else 4
-        key = (id(model), str(device), elt, self.modality)
+        size = (model.image_size, model.image_size) if size is None else (int(size[0]), int(size[1]))
+        key = (id(model), str(device), elt, self.modality, size if self.modality == "image" else None)
         if key not in self._auto_chunks:
             if self.modality == "image":
-                tokens, tower = model.n_prefix + model.grid[0] * model.grid[1], model.vision
-                input_bytes = 3 * 3 * model.image_size**2 * 4  # pixels, mask and masked copy, float32
+                grid = model.grid_for(size)
+                tokens, tower = model.n_prefix + grid[0] * grid[1], model.vision
+                input_bytes = 3 * 3 * size[0] * size[1] * 4  # pixels, mask and masked copy, float32
             else:
                 tokens, tower, input_bytes = model.context_length, model.text, 0
             self._auto_chunks[key] = auto_chunk(device, tokens, tower.width, tower.n_heads, input_bytes, elt)
@@ -354,7 +357,7 @@ class RISE(Explainer):
         mean = model.vision.mean.to(dtype=pixels.dtype)[:, None]  # (1,1,3,1,1): 0 after normalisation
         x = pixels[:, None]  # (B,1,3,H,W)
         sal = torch.zeros(pixels.shape[0], *masks.size, device=pixels.device, dtype=torch.float32)
-        per_pass = self.per_pass(pixels.shape[0], self.chunk_size(model, pixels.device))
+        per_pass = self.per_pass(pixels.shape[0], self.chunk_size(model, pixels.device, tuple(pixels.shape[-2:])))
         with torch.no_grad(), progress.task(masks.n, self.name, "mask", pixels.shape[0]) as done:
             for start in range(0, masks.n, per_pass):
                 m = masks.chunk(start, min(start + per_pass, masks.n))  # (k,H,W)
