@@ -199,7 +199,7 @@ class PixelInput:
     def patch_positions(self, table: Tensor, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The learned position table (1 + gh·gw, D), cast to ``dtype`` and then (keep-size mode, another
         grid) interpolated to ``grid``: the reference's order (cast, then interpolate)."""
-        return interpolate_positions(table.to(dtype), 1, self.native_grid, grid)
+        return interpolate_positions(table.to(dtype), 1, self.native_grid, grid).to(dtype)  # autocast may widen it
 
     def normalise(self, pixels: Tensor) -> Tensor:
         self.check_size(pixels.shape[-2:])
