@@ -471,12 +471,14 @@ class ClipAdapter(nn.Module):
         size set by :func:`input_size` (``Explainer.__call__`` sets it), else :attr:`grid`.
         """
         size = pixels if pixels is not None else _INPUT_SIZE.get()
+        if isinstance(size, Tensor):
+            size = tuple(size.shape[-2:])
         h, w = self.grid if size is None else self.grid_for(size)
         n = token_scores.shape[1] - self.n_prefix
         if n != h * w:
             raise ClipXaiError(
                 f"{n} patch scores do not fill the {h}×{w} patch grid of model {self.name}"
-                + ("" if size is None else f" for {tuple(size.shape[-2:]) if isinstance(size, Tensor) else size} pixels"),
+                + ("" if size is None else f" for {tuple(size)} pixels"),
                 "pass the explained pixels (model.patch_map(scores, pixels)), or call the explainer as "
                 "explainer(model, pixels, tokens), which sets the input size",
             )

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting, square_size
+from clip_xai.models.base import (CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting,
+                                  square_size)
 from clip_xai.models.preprocess import Preprocess
 from clip_xai.models.weights import ensure_reachable_weights
 from clip_xai.types import TextTokens
