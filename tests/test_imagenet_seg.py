@@ -93,6 +93,10 @@ def test_bad_files_fail_before_work(tmp_path: Path):
     write_mat(tmp_path / "gtsegs_ijcv.mat", ids=["n02123394_1", "cat", "n1", "x"])
     with pytest.raises(ClipXaiError, match="3 of 4 entries name no wnid"):
         ImageNetSegDataset(tmp_path)
+    whole = (tmp_path / "gtsegs_ijcv.mat").read_bytes()
+    (tmp_path / "gtsegs_ijcv.mat").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    with pytest.raises(ClipXaiError, match="(?s)cannot open.*download gtsegs_ijcv.mat again"):
+        ImageNetSegDataset(tmp_path)
     (tmp_path / "gtsegs_ijcv.mat").write_bytes(b"MATLAB 5.0 MAT-file")  # an old-format .mat
     with pytest.raises(ClipXaiError, match="not an HDF5"):
         ImageNetSegDataset(tmp_path)

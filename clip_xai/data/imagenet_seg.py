@@ -56,7 +56,11 @@ def open_mat(path: Path):
     if not h5py.is_hdf5(path):
         raise ClipXaiError(f"imagenet_seg: {path} is not an HDF5 (MATLAB v7.3) file",
                            f"pass the official {MAT_FILE} (download it again if it is truncated)")
-    f = h5py.File(path, "r")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:  # truncated or damaged HDF5
+        raise ClipXaiError(f"imagenet_seg: cannot open {path}: {exc}",
+                           f"download {MAT_FILE} again (the file is damaged or incomplete)") from None
     missing = [k for k in (IMAGES, MASKS) if k not in f]
     if missing:
         have = sorted(f["/value"].keys()) if "/value" in f else sorted(f.keys())
@@ -108,7 +112,11 @@ def read_wnids(f) -> tuple[list[str], str]:
             tried.append(f"{field}: {'absent' if field not in f else f'{f[field].shape[0]} entries for {n} images'}")
             continue
         refs = f[field][:, 0]
-        found = [_WNID.match(read_chars(f, r)) for r in refs]
+        try:
+            found = [_WNID.match(read_chars(f, r)) for r in refs]
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # not references to char arrays
+            tried.append(f"{field}: unreadable ({type(exc).__name__}: {exc})")
+            continue
         bad = [i for i, m in enumerate(found) if m is None]
         if not bad:
             return [m.group(0) for m in found], field
