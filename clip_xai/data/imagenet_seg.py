@@ -1,6 +1,6 @@
 """ImageNet-segmentation (Guillaumin, Küttel & Ferrari, IJCV 2014): 4,276 ImageNet images with
 foreground masks in one MATLAB v7.3 (HDF5) file, ``gtsegs_ijcv.mat``, the set on which Chefer et al.
-2021 (and LeGrad, GEM after them) report segmentation by explanation maps.
+2021 (and LeGrad after them) report segmentation by explanation maps.
 
 Layout (read as hila-chefer/Transformer-Explainability's ``data/Imagenet.py`` does): ``/value/img``
 and ``/value/gt`` are (N, 1) arrays of HDF5 object references, one per image; ``img[i, 0]`` points

@@ -1,6 +1,6 @@
 """Segmentation by a thresholded map (Chefer et al. 2021, "Transformer interpretability beyond
-attention visualization", CVPR, §5 and ``baselines/ViT/imagenet_seg_eval.py`` of
-hila-chefer/Transformer-Explainability; used by LeGrad and GEM on ImageNet-segmentation):
+attention visualization", CVPR 2021) and ``baselines/ViT/imagenet_seg_eval.py`` of
+hila-chefer/Transformer-Explainability, which LeGrad also reports on ImageNet-segmentation:
 pixel accuracy, mIoU over foreground and background, and average precision of the pixel scores.
 Higher is better for all three.
 
