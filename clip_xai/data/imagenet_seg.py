@@ -6,9 +6,10 @@ Layout (read as hila-chefer/Transformer-Explainability's ``data/Imagenet.py`` do
 and ``/value/gt`` are (N, 1) arrays of HDF5 object references, one per image; ``img[i, 0]`` points
 at the image stored transposed (3, W, H) uint8, ``gt[i, 0]`` at a 1×1 cell whose ``[0, 0]`` points
 at the mask stored transposed (W, H), 1 = object. The class: Chefer's loader reads none (his ViT
-explains its own top class). The file's ``/value/id`` holds each image's ImageNet id as a MATLAB
-char array (``<wnid>_<number>``; ``/value/target`` is read as a fallback), so the wnid is the class
-(see :func:`read_wnids` and docs/datasets.md).
+explains its own top class). Other projects that read this file take each image's ImageNet id from
+``/value/id``, a MATLAB char array ``<wnid>_<number>`` (one reads ``/value/target`` as the wnid);
+the real file could not be opened here, so :func:`read_wnids` checks rather than assumes: the first
+of those fields that names a wnid for every image gives the class (docs/datasets.md).
 """
 from __future__ import annotations
 
