@@ -58,12 +58,20 @@ FAITHFULNESS_COLUMNS = ID_COLUMNS + [
     "map_flag", "caption_flag",
 ]
 
-# Localisation rows: one per sample (per eps when a perturbation is given). The five metrics of the
+# Localisation rows: one per sample (per eps when a perturbation is given). The eight metrics of the
 # clean map, then (NaN without a perturbation) of the perturbed map; mask_area = object pixel fraction.
-LOCALISATION_METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank", "mask_auroc"]
+# The last three are Chefer et al.'s segmentation scores of this one image; the SEGMENTATION_COUNTS
+# beside them pool to the reference's dataset-level numbers (pixel accuracy = Σ seg_correct /
+# Σ seg_labeled; miou = mean over bg/fg of Σ seg_inter / Σ seg_union; mean_ap = mean of mean_ap):
+# clip_xai.metrics.localisation.pooled_segmentation, and summary.json's means hold the pooled values.
+SEGMENTATION_METRICS = ["pixel_accuracy", "miou", "mean_ap"]
+SEGMENTATION_COUNTS = ["seg_correct", "seg_labeled", "seg_inter_bg", "seg_union_bg", "seg_inter_fg", "seg_union_fg"]
+LOCALISATION_METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank", "mask_auroc",
+                        *SEGMENTATION_METRICS]
 LOCALISATION_COLUMNS = ID_COLUMNS + [
     "mask", "mask_area", "perturbation", "eps",
     *LOCALISATION_METRICS, *(f"{m}_pert" for m in LOCALISATION_METRICS),
+    *SEGMENTATION_COUNTS, *(f"{c}_pert" for c in SEGMENTATION_COUNTS),
     "sparseness", "complexity", "sparseness_pert", "complexity_pert",
     "map_flag",  # "empty_mask", "no_mask", "constant_clean", "nan_pert", ... (metrics NaN)
     "caption_flag",
@@ -90,6 +98,7 @@ OPTIONAL_COLUMNS = {
                                  "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert")},
     **{c: float("nan") for c in ("sparseness", "complexity", "sparseness_pert", "complexity_pert", "sparseness_image",
                                  "complexity_image", "sparseness_text", "complexity_text")},
+    **{f"{c}{s}": float("nan") for c in SEGMENTATION_METRICS + SEGMENTATION_COUNTS for s in ("", "_pert")},
 }
 
 # What identifies a row, beside the method (the explainer and its settings: the report's `method`).
@@ -128,6 +137,8 @@ HIGHER_IS_BETTER = {
     "sparseness": True, "complexity": False,
     "pointing_game": True, "energy_pointing_game": True, "relevance_mass": True, "relevance_rank": True,
     "mask_auroc": True,
+    # segmentation (Chefer et al. 2021): the map thresholded at its mean against the object mask
+    "pixel_accuracy": True, "miou": True, "mean_ap": True,
     # manipulation (masking check): a faithful map's top region matters; flagged maps are worse
     "mask_drop": True, "mask_drop_pert": True, "mask_flag": False, "mask_flag_pert": False,
     # randomisation: a map that passes the sanity check moves away from the original (towards 0)

@@ -16,8 +16,8 @@ from clip_xai.__main__ import run
 from clip_xai.data import Rival10Dataset, SampleDataset, collate
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
-from clip_xai.metrics.localisation import METRICS
-from clip_xai.schema import LOCALISATION_COLUMNS, RUN_COLUMNS
+from clip_xai.metrics.localisation import METRICS, pooled_segmentation, segmentation_scores
+from clip_xai.schema import LOCALISATION_COLUMNS, RUN_COLUMNS, SEGMENTATION_COUNTS, SEGMENTATION_METRICS
 from clip_xai.studies.localisation import LocalisationStudy, datasets_with_masks
 from tests.helpers import compose_cfg, run_cli
 
@@ -79,7 +79,7 @@ def test_mask_selection(rival10: Path):
 
 
 def test_dataset_without_masks_fails_at_start(tmp_path: Path):
-    assert datasets_with_masks() == ["rival10"]
+    assert datasets_with_masks() == ["imagenet_seg", "rival10"]
     with pytest.raises(ClipXaiError, match="dataset=rival10") as err:
         LocalisationStudy().check_data(SampleDataset(limit=2))
     assert "SampleDataset" in str(err.value)
@@ -114,8 +114,14 @@ def test_rows_match_direct_computation(rival10: Path, tmp_path: Path, tiny):
     got = df.set_index("sample_id").loc[batch.sample_ids]
     for name in METRICS:
         np.testing.assert_allclose(got[name].to_numpy(), want[name].numpy(), rtol=1e-6, equal_nan=True)
+    seg = segmentation_scores(maps, batch.object_masks)  # defined for the empty masks too, as the reference counts them
+    for name in (*SEGMENTATION_METRICS, *SEGMENTATION_COUNTS):
+        np.testing.assert_allclose(got[name].to_numpy(), seg[name].numpy(), rtol=1e-6)
+        assert got[f"{name}_pert"].notna().all()
     summary = pd.read_json(tmp_path / "run" / "summary.json", typ="series")
     assert summary["counts"]["flags"] == {"empty_mask": 2}
+    assert summary["means"]["miou"] == pytest.approx(pooled_segmentation(df)["miou"], rel=1e-12)  # pooled, not the row mean
+    assert summary["means"]["miou_pert"] == pytest.approx(pooled_segmentation(df, "pert")["miou_pert"], rel=1e-12)
 
 
 @pytest.mark.slow
@@ -129,4 +135,5 @@ def test_cli_localisation_and_bad_dataset(rival10: Path, tmp_path: Path):
     (path,) = list((tmp_path / "loc").rglob("results.parquet"))
     df = pd.read_parquet(path)
     assert len(df) == 3 and df["pointing_game"].notna().all() and df["pointing_game_pert"].isna().all()
+    assert df[["pixel_accuracy", "miou", "mean_ap"]].notna().all().all() and df["miou_pert"].isna().all()
     assert set(df["perturbation"]) == {"none"}

@@ -27,7 +27,7 @@ def loc_rows(expl: str, eps: float, rng) -> pd.DataFrame:
     df = pd.DataFrame({**ident(expl, "localisation"), "mask": "entire_object", "mask_area": 0.25,
                        "perturbation": "fgsm", "eps": eps, **cols, "sparseness": 0.5, "complexity": 9.0,
                        "sparseness_pert": 0.4, "complexity_pert": 9.5, "map_flag": ""})
-    return df[LOCALISATION_COLUMNS]
+    return df.reindex(columns=LOCALISATION_COLUMNS)  # the segmentation counts are absent: NaN
 
 
 def rand_rows(expl: str, rng) -> pd.DataFrame:

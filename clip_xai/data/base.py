@@ -18,7 +18,7 @@ from clip_xai.types import Batch
 
 log = logging.getLogger(__name__)
 
-ImageSource = Union[Path, str, np.ndarray, Image.Image]
+ImageSource = Union[Path, str, np.ndarray, Image.Image, Callable[[], np.ndarray]]  # callable: read lazily
 MaskSource = Union[np.ndarray, Callable[[], "np.ndarray | None"], None]
 BadImagePolicy = Literal["skip", "error"]
 # Exceptions PIL/numpy raise for missing, truncated or undecodable files.
@@ -27,7 +27,8 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
 
 @dataclass(frozen=True)
 class Record:
-    """One sample before loading: id, image (path or in-memory), caption, label, optional mask source."""
+    """One sample before loading: id, image (path, in-memory or a picklable zero-arg reader), caption,
+    label, optional mask source."""
 
     sample_id: str
     image: ImageSource
@@ -50,7 +51,10 @@ def resolve_root(root: str | Path) -> Path:
 
 
 def load_rgb(source: ImageSource) -> Image.Image:
-    """Decode an image source to an RGB PIL image (raises the underlying read error on failure)."""
+    """Decode an image source to an RGB PIL image (raises the underlying read error on failure);
+    a zero-arg callable (e.g. a reader of one entry of an HDF5 file) is called first."""
+    if callable(source) and not isinstance(source, (str, Path, Image.Image)):
+        source = source()
     if isinstance(source, np.ndarray):
         arr = source
         if arr.dtype == bool:

@@ -13,17 +13,21 @@ Pinned checksums and where they come from (no other checksums are pinned, and no
 - ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (md5): ``torchvision.datasets.imagenet``.
 - RIVAL10 zip: no published checksum; the result is verified by counting files and companions.
 - Kaggle ``LOC_val_solution.csv``: no published checksum; verified by its 50,000 rows.
+- ImageNet-segmentation ``gtsegs_ijcv.mat``: no published checksum; verified by its layout and
+  4,276 entries, and the sha256 of the file used is recorded in ``provenance.json`` beside it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from clip_xai.data.download import DOWNLOADS, Remote, Staging, check_local, fetch, unpack
-from clip_xai.data.verify import OFFICIAL, Report, verify
+from clip_xai.data.verify import OFFICIAL, PROVENANCE_FILE, Report, verify
 from clip_xai.errors import ClipXaiError
 
 log = logging.getLogger(__name__)
@@ -314,6 +318,28 @@ def _build_imagenet(src: Source, root: Path, opts: Options, stage: Staging) -> d
     return entries
 
 
+# -- ImageNet-segmentation ------------------------------------------------------------------------
+def _build_imagenet_seg(src: Source, root: Path, opts: Options, stage: Staging) -> dict[str, Path]:
+    import pooch
+
+    from clip_xai.data.imagenet_seg import MAT_FILE, open_mat, read_wnids
+
+    (mat,) = _obtain(src, root, opts)
+    with open_mat(mat) as f:  # the layout is checked before anything is committed
+        read_wnids(f)
+    target = stage.dir / MAT_FILE
+    if mat.parent == root / DOWNLOADS:
+        shutil.move(str(mat), target)  # our own download: move, do not copy a large file
+    else:
+        shutil.copyfile(mat, target)  # the user's file stays where it is
+    remote = _remotes(src, opts)[0]
+    record = {"file": MAT_FILE, "source": str(mat) if opts.archives else remote.url, "bytes": target.stat().st_size,
+              "sha256": pooch.file_hash(str(target)), "checksum_published": False,
+              "prepared_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (stage.dir / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return {MAT_FILE: target, PROVENANCE_FILE: stage.dir / PROVENANCE_FILE}
+
+
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source(
         "rival10", "RIVAL10 (Moayeri et al., CVPR 2022)", "https://github.com/mmoayeri/RIVAL10",
@@ -351,6 +377,16 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         (Remote("", "ILSVRC2012_img_val.tar", "md5:29b22e2961454d5413ddabcf34fc5622", "6.4 GB"),
          Remote("", "ILSVRC2012_devkit_t12.tar.gz", "md5:fa75699e90414af021442c21a62c3abf", "2.5 MB")),
         _build_imagenet),
+    Source(
+        "imagenet_seg", "ImageNet-segmentation (Guillaumin, Kuettel & Ferrari, IJCV 2014; Chefer et al. 2021's set)",
+        "http://calvin-vision.net/bigstuff/proj-imagenet/ (linked from hila-chefer/Transformer-Explainability's README)",
+        "no licence is stated with the file; the images are ImageNet's (ImageNet terms of access: non-commercial "
+        "research and education). Cite Guillaumin et al. 2014.",
+        "one .mat file (size not published)",
+        ("gtsegs_ijcv.mat", PROVENANCE_FILE),
+        (Remote("http://calvin-vision.net/bigstuff/proj-imagenet/data/gtsegs_ijcv.mat", "gtsegs_ijcv.mat", None,
+                "size not published"),),
+        _build_imagenet_seg),
 )}
 
 

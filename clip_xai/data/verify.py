@@ -10,6 +10,7 @@ start-up (`preflight`) and points at the full check when a root looks wrong.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,20 @@ from clip_xai.errors import ClipXaiError
 log = logging.getLogger(__name__)
 
 # Official counts (sources: Hodosh et al. 2013 and the Flickr8k_text files; Sharma et al. 2018 and
-# the GCC-1.1.0 validation TSV; ILSVRC-2012 devkit readme; the RIVAL10 project page).
+# the GCC-1.1.0 validation TSV; ILSVRC-2012 devkit readme; the RIVAL10 project page; Guillaumin et
+# al. 2014 for ImageNet-segmentation).
 OFFICIAL = {
     "flickr8k": {"images": 8091, "captions": 40455, "train": 6000, "dev": 1000, "test": 1000},
     "cc": {"urls": 15840},
     "imagenet": {"classes": 1000, "images": 50000, "per_class": 50},
     "rival10": {"images_approx": 26000},
+    "imagenet_seg": {"images": 4276},  # Guillaumin et al. 2014; Chefer et al. 2021 §5
 }
 # Flickr8k.token.txt names one image that is not in Flicker8k_Dataset (its 5 captions make the
 # 40,460 lines of the file versus 8,091 x 5 = 40,455): reported as a known quirk, not a problem.
 FLICKR8K_KNOWN_ORPHANS = {"2258277193_586949ec62.jpg.1"}
 SHOW = 10  # problems listed per kind before "... and N more"
+PROVENANCE_FILE = "provenance.json"  # written by `prepare` where no checksum is published (source, sha256, date)
 
 
 @dataclass
@@ -253,6 +257,62 @@ def verify_imagenet(root: Path, deep: bool = True, workers: int = 4) -> Report:
     return rep
 
 
+def _check_seg_entry(f, index: int) -> str | None:
+    """None if image ``index`` and its mask read back with matching sizes and a 0/1 mask, else why."""
+    from clip_xai.data.imagenet_seg import MASKS, read_image
+
+    try:
+        img = read_image(f, index)
+        cell = f[f[MASKS][index, 0]]
+        raw = np.asarray(f[cell[0, 0]]) if cell.dtype == object else np.asarray(cell)
+    except (KeyError, TypeError, IndexError, RuntimeError, ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        return f"image of shape {img.shape} and dtype {img.dtype}, expected (H, W, 3) uint8"
+    if raw.T.shape != img.shape[:2]:
+        return f"mask {raw.T.shape} differs from the image {img.shape[:2]}"
+    if not np.isin(raw, (0, 1)).all():
+        return f"mask values {np.unique(raw)[:5].tolist()}, expected 0/1"
+    return None
+
+
+def verify_imagenet_seg(root: Path, deep: bool = True, workers: int = 4) -> Report:
+    """gtsegs_ijcv.mat: HDF5 layout, image/mask/class counts, recorded sha256; reads every entry if deep."""
+    from clip_xai.data import imagenet_seg as seg
+
+    path = seg.mat_path(root)
+    if not path.is_file():
+        raise _missing_root("imagenet_seg", path.parent if path.name == seg.MAT_FILE else path, seg.LAYOUT)
+    rep = Report("imagenet_seg", path)
+    try:
+        f = seg.open_mat(path)
+    except ClipXaiError as err:
+        rep.problem("unusable file", [err.problem])
+        return rep
+    with f:
+        n = f[seg.IMAGES].shape[0]
+        rep.count("images", n, OFFICIAL["imagenet_seg"]["images"])
+        rep.count("masks", f[seg.MASKS].shape[0], n)
+        try:
+            wnids, field = seg.read_wnids(f)
+            rep.count(f"classes ({field})", len(set(wnids)), note="wnid of each image's ImageNet id")
+        except ClipXaiError as err:
+            rep.problem("no class per image", [err.problem])
+        if deep:
+            bad = [(i, seg_err) for i in tqdm(range(n), desc="reading entries", unit="image", leave=False, disable=None)
+                   if (seg_err := _check_seg_entry(f, i)) is not None]  # h5py serialises reads: no threads
+            rep.problem("unreadable or inconsistent entries", [f"entry {i}: {e}" for i, e in bad])
+    prov = path.parent / PROVENANCE_FILE
+    recorded = json.loads(prov.read_text()).get("sha256") if prov.is_file() else None
+    rep.count("sha256 recorded by prepare", recorded or "none", note="no official checksum is published")
+    if deep and recorded:
+        import pooch
+
+        got = pooch.file_hash(str(path))
+        rep.count("sha256 of the file", got, recorded, note="equals the recorded one" if got == recorded else "")
+    return rep
+
+
 def _read_manifest(path: Path) -> list[dict]:
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -296,6 +356,7 @@ def verify_cc(root: Path, deep: bool = True, workers: int = 4) -> Report:
 
 VERIFIERS: dict[str, Callable[..., Report]] = {
     "rival10": verify_rival10, "flickr8k": verify_flickr8k, "cc": verify_cc, "imagenet": verify_imagenet,
+    "imagenet_seg": verify_imagenet_seg,
 }
 
 

@@ -13,7 +13,10 @@ from clip_xai.schema import HIGHER_IS_BETTER, LOCALISATION_METRICS
 
 COMPLEXITY = ["sparseness", "complexity"]
 LABELS = {"pointing_game": "Pointing game", "energy_pointing_game": "Energy PG (box)",
-          "relevance_mass": "Relevance mass", "relevance_rank": "Relevance rank", "mask_auroc": "Mask AUROC"}
+          "relevance_mass": "Relevance mass", "relevance_rank": "Relevance rank", "mask_auroc": "Mask AUROC",
+          # segmentation (Chefer et al.): rows are per image; the paper's pooled mIoU (sums of intersections
+          # and unions over images) is summary.json's, and metrics.localisation.pooled_segmentation computes it
+          "pixel_accuracy": "Pixel accuracy", "miou": "mIoU (per-image mean)", "mean_ap": "mAP"}
 SETTING = ["dataset", "model", "mask"]
 
 

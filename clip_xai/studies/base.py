@@ -121,6 +121,11 @@ class Study:
     def extra_summary(self, ctx: RunContext) -> dict:
         return {}
 
+    def pooled_means(self, frame) -> dict:
+        """summary.json means that are not the mean of a column's finite values (e.g. ratios of
+        sums over the rows); they replace the plain means under the same names."""
+        return {}
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         self.check(ctx)
@@ -178,6 +183,7 @@ class Study:
         if ctx.cache is not None:
             extra["cache_hits"], extra["cache_misses"] = ctx.cache.hits, ctx.cache.misses
         summary = writer.summary(self.metric_columns, extra)
+        summary["means"].update(self.pooled_means(writer.frame))
         if len(writer.frame) == 0:
             raise ClipXaiError(f"no samples were processed for dataset {ctx.ids.get('dataset')}",
                                "check dataset.root and dataset.limit")

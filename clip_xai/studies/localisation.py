@@ -2,8 +2,11 @@
 
 Per sample: the clean image map (from the clean-map cache, shared with the sensitivity study)
 and the dataset's object mask (RIVAL10: ``metrics.mask=entire_object|merged|<attribute>``), then
-the pointing game, energy-based pointing game, relevance mass and rank accuracy and the mask
-AUROC (:class:`clip_xai.metrics.localisation.LocalisationMetrics`), plus the complexity columns.
+the pointing game, energy-based pointing game, relevance mass and rank accuracy, the mask
+AUROC and Chefer et al.'s segmentation scores (pixel accuracy, mIoU, mAP of the map thresholded at
+its mean, with their pooling counts; :class:`clip_xai.metrics.localisation.LocalisationMetrics`),
+plus the complexity columns. summary.json's means of the three segmentation scores are pooled the
+reference's way (:func:`clip_xai.metrics.localisation.pooled_segmentation`), not row means.
 With ``study.perturbed=true`` the configured perturbation is applied too and the same metrics
 of the perturbed map fill the ``*_pert`` columns, so one row shows whether the explanation stays
 on the object. Maps are the min-max normalised, image-size maps of every other study.
@@ -21,7 +24,8 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.paths import CONF_DIR
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.complexity import column_names, complexity_columns
-from clip_xai.schema import LOCALISATION_COLUMNS, LOCALISATION_METRICS
+from clip_xai.metrics.localisation import pooled_segmentation
+from clip_xai.schema import LOCALISATION_COLUMNS, LOCALISATION_METRICS, SEGMENTATION_COUNTS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 from clip_xai.studies.sensitivity import clean_maps, perturb_batch
 
@@ -82,6 +86,7 @@ class LocalisationStudy(Study):
         n = len(b)
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=clean.device)
         cols: dict[str, torch.Tensor] = {c: nan for c in [*LOCALISATION_METRICS, *(f"{m}_pert" for m in LOCALISATION_METRICS),
+                                                          *SEGMENTATION_COUNTS, *(f"{c}_pert" for c in SEGMENTATION_COUNTS),
                                                           "mask_area"]}
         flags = [[] for _ in range(n)]
         if b.object_masks is None:  # some sample of this batch has no mask file
@@ -121,7 +126,16 @@ class LocalisationStudy(Study):
         return rows, examples
 
     def extra_summary(self, ctx: RunContext) -> dict:
-        return {"localisation": {"mask": getattr(ctx.dataset, "mask", None), "perturbed": self.perturbed}}
+        return {"localisation": {"mask": getattr(ctx.dataset, "mask", None), "perturbed": self.perturbed,
+                                 "seg_threshold": getattr(ctx.metrics, "seg_threshold", None),
+                                 "seg_pooling": "pixel_accuracy = sum(seg_correct) / sum(seg_labeled); miou = mean over "
+                                                "bg, fg of sum(seg_inter) / sum(seg_union); mean_ap = mean(mean_ap)",
+                                 "labels": getattr(ctx.dataset, "label_source", None)}}
+
+    def pooled_means(self, frame) -> dict:
+        """pixel_accuracy, miou, mean_ap (and their _pert) pooled over the rows as Chefer et al.'s
+        evaluation accumulates them over the dataset."""
+        return {**pooled_segmentation(frame), **pooled_segmentation(frame, "pert")}
 
 
 __all__ = ["LocalisationStudy", "datasets_with_masks"]
