@@ -14,7 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -107,18 +109,27 @@ def test_every_shipped_option_passes_validation(group, option):
 
 
 # -- per-method settings in a sweep ----------------------------------------------------------------
+# The jobs of the sweep below (one setting each; logger, device, batch_size and output_root are not part
+# of the run dir's name, so a rerun of one job under a copy of its output_root finds its run dir).
+SWEEP = ["model=tiny", "logger=none", "device=cpu", "dataset.limit=1", "batch_size=1", "perturbation=noise",
+         "+method_settings.rise.n_masks=16"]
+
+
+def _main(argv: list[str]) -> None:
+    from clip_xai.__main__ import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["clip_xai", *argv])
+        main()
+
+
 @pytest.fixture(scope="module")
 def method_sweep(tmp_path_factory):
     """One in-process sweep over two methods with a setting only RISE has (16 masks, not the issue's
-    200, to keep it cheap: the value's route is what is tested; 200 is checked by composing)."""
-    from clip_xai.__main__ import main
-
+    200, to keep it cheap: the value's route is what is tested; 200 is checked by composing). The
+    damaged-run-dir test reruns its gradcam job."""
     out = tmp_path_factory.mktemp("method_sweep")
-    argv = ["clip_xai", "-m", *BASE, "dataset.limit=1", "batch_size=1", "explainer=gradcam,rise",
-            "+method_settings.rise.n_masks=16", f"output_root={out}"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", argv)
-        main()
+    _main(["-m", *SWEEP, "explainer=gradcam,rise", f"output_root={out}"])
     runs = {yaml.safe_load((d / "config.yaml").read_text())["explainer"]["name"]: d
             for d in (out / "runs").iterdir() if (d / "config.yaml").is_file()}
     return out, runs
@@ -186,3 +197,128 @@ def test_method_settings_from_an_experiment_file(tmp_path):
     with pytest.raises(ClipXaiError, match=r"method_settings.rise.n_mask: explainer=rise has no setting 'n_mask' "
                                            r"\(its settings: .*n_masks"):
         validate(compose_cfg(["model=tiny", "experiment=typo", search]), CONF_DIR)
+
+
+# -- damaged run dirs ----------------------------------------------------------------------------------
+def _cut(path: Path) -> bytes:
+    """Truncate ``path`` to half its bytes (a copy cut short outside the program); returns what is left."""
+    data = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(data)
+    return data
+
+
+def _aside(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
+
+
+@pytest.mark.slow
+def test_damaged_run_dir_is_set_aside_and_recomputed(method_sweep, tmp_path):
+    """A rerun of a finished job whose results.parquet, summary.json, examples.npz and clean-map cache
+    were cut short: no traceback; each damaged file moved aside byte for byte (never deleted), the
+    run recomputed (DONE again, one row), and summary.json naming what it set aside."""
+    out = tmp_path / "out"
+    shutil.copytree(method_sweep[0], out)
+    run = next(d for d in (out / "runs").iterdir() if "explainer=gradcam" in d.name)
+    entries = sorted((out / ".cache").glob("gradcam-*/*/*.pt"))
+    assert len(entries) == 1
+    left = {p: _cut(p) for p in [run / "results.parquet", run / "summary.json", run / "examples.npz", *entries]}
+    _main([*SWEEP, "explainer=gradcam", f"output_root={out}"])
+    for path, data in left.items():
+        moved = _aside(path)
+        assert len(moved) == 1 and moved[0].read_bytes() == data, (path, moved)
+    assert (run / "DONE").is_file()
+    assert len(pd.read_parquet(run / "results.parquet")) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run"]["set_aside"] == {p.name: _aside(p)[0].name for p in left if p.parent == run}
+    assert summary["run"]["resumed_rows"] == 0 and summary["run"]["new_rows"] == 1
+    assert summary["cache_damaged"] == 1 and summary["cache_hits"] == 0 and summary["cache_misses"] == 1
+    torch.load(entries[0], weights_only=True)  # recomputed entry in place
+
+
+def test_open_run_dir_sets_aside_unreadable_results_and_keeps_readable_ones(tmp_path):
+    """In-process: a readable results.parquet resumes untouched; one that is not parquet (or lacks
+    sample_id) is moved aside, DONE (no longer true) removed, and a fresh table started."""
+    from clip_xai.studies.base import open_run_dir
+
+    cols = ["sample_id", "x"]
+    good = tmp_path / "good"
+    good.mkdir()
+    pd.DataFrame({"sample_id": ["a"], "x": [1.0]}).to_parquet(good / "results.parquet")
+    writer, moved = open_run_dir(good, cols)
+    assert moved == {} and writer.done_ids() == {"a"} and not _aside(good / "results.parquet")
+    for name, content in (("garbage", b"not parquet"), ("foreign", None)):
+        run = tmp_path / name
+        run.mkdir()
+        if content is None:
+            pd.DataFrame({"other": [1]}).to_parquet(run / "results.parquet")
+        else:
+            (run / "results.parquet").write_bytes(content)
+        (run / "DONE").write_text("ok\n")
+        writer, moved = open_run_dir(run, cols)
+        assert writer.resumed_rows == 0 and not (run / "results.parquet").exists() and not (run / "DONE").exists()
+        assert list(moved) == ["results.parquet"] and (run / moved["results.parquet"]).is_file()
+
+
+def test_clean_map_cache_sets_aside_a_damaged_entry(tmp_path):
+    """A cache entry that does not load (garbage, or a non-tensor) is moved aside, counted and
+    recomputed; the recomputed entry is then a hit."""
+    from clip_xai.studies.cache import CleanMapCache
+
+    cache = CleanMapCache(tmp_path)
+    maps = torch.arange(8.0).reshape(2, 2, 2)
+    cache.get_or_compute(["a", "b"], lambda: maps, "cpu")
+    a, b = cache._path("a"), cache._path("b")
+    a.write_bytes(b"garbage")
+    torch.save({"not": "a tensor"}, b)
+    calls = []
+    got = cache.get_or_compute(["a", "b"], lambda: calls.append(1) or maps, "cpu")
+    assert calls == [1] and torch.equal(got, maps) and cache.damaged == 2
+    assert _aside(a)[0].read_bytes() == b"garbage" and len(_aside(b)) == 1
+    assert torch.equal(cache.get_or_compute(["a", "b"], lambda: 1 / 0, "cpu"), maps)
+    assert (cache.hits, cache.misses) == (2, 4)
+
+
+# -- a model.pretrained that is no checkpoint -----------------------------------------------------------
+def _checkpoints(tmp: Path) -> list[tuple[Path, str]]:
+    """(file, a piece of the error) for files open_clip cannot load as the tiny model's weights."""
+    from safetensors.torch import save_file
+
+    (tmp / "text.pt").write_text("not a checkpoint")
+    torch.save({"w": torch.zeros(64)}, tmp / "cut.pt")
+    _cut(tmp / "cut.pt")
+    save_file({"w": torch.zeros(64)}, str(tmp / "cut.safetensors"))
+    _cut(tmp / "cut.safetensors")
+    torch.save({"w": torch.zeros(3)}, tmp / "other.pt")
+    return [(tmp / "text.pt", "is not a checkpoint: it is neither a torch.save archive nor a safetensors file"),
+            (tmp / "cut.pt", "is not a checkpoint: its zip archive (torch.save format) is cut short or damaged"),
+            (tmp / "cut.safetensors", "is not a checkpoint: its safetensors header lists"),
+            (tmp / "other.pt", "could not be loaded into tiny: its weights do not fit tiny (302 missing, 1 unexpected")]
+
+
+def test_bad_checkpoint_is_one_sentence_through_the_entrypoint(tmp_path, monkeypatch, capsys):
+    from clip_xai.__main__ import main
+
+    for path, needle in _checkpoints(tmp_path):
+        out = tmp_path / f"out_{path.name}"
+        monkeypatch.setattr(sys, "argv", ["clip_xai", *BASE, f"model.pretrained={path}", f"output_root={out}"])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert exc.value.code == 2 and "Traceback" not in err and "weights_only" not in err, err
+        assert len(lines) == 1 and f"model.pretrained={path}" in lines[0] and needle in lines[0], err
+        assert "fix:" in err and not _project_files(out)
+
+
+def test_bad_checkpoint_directory_of_an_hf_backend(tmp_path):
+    """hf_clip/altclip load a save_pretrained directory: a weight file in it that is cut short is
+    named before transformers reads it (safetensors' own message named no file)."""
+    from safetensors.torch import save_file
+
+    from clip_xai.models.hf_clip import HfClipAdapter
+
+    save_file({"w": torch.zeros(64)}, str(tmp_path / "model.safetensors"))
+    _cut(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ClipXaiError, match=rf"model.pretrained={tmp_path}: its model.safetensors is not a checkpoint"):
+        HfClipAdapter("hf", pretrained=str(tmp_path))
