@@ -17,8 +17,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_xai.config import (apply_method_settings, build, methods_having, pick_device, register_resolvers,
-                             resolve_precision, validate)
+from clip_xai.config import (apply_method_settings, build, explainer_options, methods_having, pick_device,
+                             register_resolvers, resolve_precision, validate)
 from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
@@ -116,8 +116,6 @@ def per_method_override_error(args: list[str]) -> ClipXaiError | None:
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
 
-    from clip_xai.config import explainer_options
-
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-") and "=" in a])
         names = [n for o in overrides if o.key_or_group == "explainer" and o.type == OverrideType.CHANGE
@@ -140,7 +138,8 @@ def per_method_override_error(args: list[str]) -> ClipXaiError | None:
                                 f"(only {', '.join(having)} {'has' if len(having) == 1 else 'have'} it)",
                                 "give it to the methods that have it: " + " ".join(
                                     f"+method_settings.{n}.{o.input_line.removeprefix('explainer.')}" for n in having))
-        return ClipXaiError(f"{o.input_line}: explainer={','.join(names)} {'has' if len(names) == 1 else 'have'} no setting {key!r}",
+        verb = "has" if len(names) == 1 else "have"
+        return ClipXaiError(f"{o.input_line}: explainer={','.join(names)} {verb} no setting {key!r}",
                             "use a setting listed in conf/explainer/<method>.yaml")
     return None
 
