@@ -70,6 +70,7 @@ BAD = [
     # "Could not override" before); the error points at method_settings
     (["explainer=gradcam,eclip,rise", "explainer.n_masks=200"],
      "explainer=gradcam,eclip have no setting 'n_masks' (only rise has it)"),
+    (["explainer=gradcam", "explainer.n_masks=200"], "explainer.n_masks=200: explainer=gradcam has no setting 'n_masks'"),
 ]
 
 
