@@ -17,7 +17,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_xai.config import build, pick_device, register_resolvers, resolve_precision, validate
+from clip_xai.config import (apply_method_settings, build, explainer_options, methods_having, pick_device,
+                             register_resolvers, resolve_precision, validate)
 from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
@@ -36,6 +37,7 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.cache import cache_for
 
     validate(cfg, CONF_DIR)  # every setting's type and range, before anything is built or written
+    apply_method_settings(cfg, CONF_DIR)  # method_settings.<this explainer> into cfg.explainer (config.yaml records it)
     device = pick_device(str(cfg.device), job_num)
     precision = resolve_precision(device, str(cfg.precision), announce=True, method=str(cfg.explainer.name),
                                   model=str(cfg.model.name), table_dir=Path(cfg.output_root) / "precision")
@@ -104,10 +106,52 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def per_method_override_error(args: list[str]) -> ClipXaiError | None:
+    """An ``explainer.KEY=VALUE`` override on a command line whose ``explainer=`` names a method
+    without KEY: Hydra would stop with "Could not override" and suggest ``+explainer.KEY``, which
+    only moves the failure into the method's constructor. Say instead which methods lack KEY and
+    point a setting that some of them have to ``method_settings`` (None: nothing to say; every
+    other malformed override is left to Hydra's own message)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-") and "=" in a])
+        names = [n for o in overrides if o.key_or_group == "explainer" and o.type == OverrideType.CHANGE
+                 for n in (o.sweep_string_iterator() if o.is_sweep_override() else [str(o.value())])]
+    except HydraException:
+        return None
+    if not names or not set(names) <= set(explainer_options(CONF_DIR)):
+        return None  # the default or an experiment's sweep picks the methods; unknown options are Hydra's to report
+    for o in overrides:
+        if o.type != OverrideType.CHANGE or not o.key_or_group.startswith("explainer."):
+            continue
+        key = o.key_or_group.split(".")[1]
+        having = methods_having(CONF_DIR, key, names)
+        lacking = [n for n in names if n not in having]
+        if not lacking:
+            continue
+        if having:
+            return ClipXaiError(f"{o.input_line} applies to every method of the command, but explainer="
+                                f"{','.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no setting {key!r} "
+                                f"(only {', '.join(having)} {'has' if len(having) == 1 else 'have'} it)",
+                                "give it to the methods that have it: " + " ".join(
+                                    f"+method_settings.{n}.{o.input_line.removeprefix('explainer.')}" for n in having))
+        verb = "has" if len(names) == 1 else "have"
+        return ClipXaiError(f"{o.input_line}: explainer={','.join(names)} {verb} no setting {key!r}",
+                            "use a setting listed in conf/explainer/<method>.yaml")
+    return None
+
+
 def main() -> None:
     if not (Path(CONF_DIR) / "config.yaml").is_file():
         err = ClipXaiError(f"no {CONF_DIR}/config.yaml: this clip_xai install was built without its configs",
                            "install a wheel or sdist made by `python -m build`, or `pip install -e .` in a checkout")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    err = per_method_override_error(sys.argv[1:])
+    if err is not None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     register_resolvers()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clip_xai.errors import ClipXaiError
 
@@ -233,8 +233,10 @@ def validate(cfg: DictConfig, conf_dir: str | Path) -> None:
     """Check every top-level and group setting of a composed config before anything is built or
     written: types and ranges of the top-level settings, the logger's choices, each group setting
     against the type of its default, and settings that depend on the model (``metrics.k`` /
-    ``metrics.text_k`` against the map size ``model.image_size``²). Component constructors then
-    check their own ranges and names (each raises a :class:`ClipXaiError` through :func:`build`)."""
+    ``metrics.text_k`` against the map size ``model.image_size``²), and ``method_settings``
+    (:func:`check_method_settings`). Component constructors then check their own ranges and names
+    (each raises a :class:`ClipXaiError` through :func:`build`)."""
+    check_method_settings(cfg, conf_dir)
     for key, (ok, valid) in TOP_LEVEL.items():
         if key in cfg and not ok(cfg[key]):
             raise _bad(key, cfg[key], valid)
@@ -261,3 +263,97 @@ def validate(cfg: DictConfig, conf_dir: str | Path) -> None:
         if key == "k" and k > size * size:
             raise ClipXaiError(f"metrics.k={k} is larger than the map ({size}x{size} = {size * size} pixels at "
                                f"model.image_size={size})", f"set metrics.k to at most {size * size}")
+
+
+# Per-method settings: ``method_settings: {rise: {n_masks: 200}}`` (``+method_settings.rise.n_masks=200``
+# on the command line) applies to the jobs whose explainer is ``rise`` and to no other, so a sweep over
+# methods can carry a setting that only some of them have. Keys are explainer options (file names in
+# conf/explainer/); each key below one must be a setting of that option's yaml.
+METHOD_SETTINGS = "method_settings"
+_NOT_SETTINGS = ("_target_", "name")  # what a method is, not how it is set up
+METHOD_SETTINGS_FIX = "e.g. +method_settings.rise.n_masks=200 on the command line (see docs/experiments.md)"
+
+
+def explainer_options(conf_dir: str | Path) -> list[str]:
+    """The ``explainer=`` options: the file names in ``conf/explainer/``."""
+    return sorted(p.stem for p in (Path(conf_dir) / "explainer").glob("*.yaml"))
+
+
+def explainer_settings(conf_dir: str | Path, name: str) -> DictConfig:
+    """The settings of explainer option ``name`` as its yaml file gives them (same-group defaults merged),
+    without the keys that say what the method is (``_target_``, ``name``)."""
+    node = group_option(conf_dir, "explainer", name)
+    for key in _NOT_SETTINGS:
+        node.pop(key, None)
+    return node
+
+
+def methods_having(conf_dir: str | Path, key: str, names: list[str]) -> list[str]:
+    """The explainer options among ``names`` whose yaml has setting ``key``: the rule both
+    ``method_settings`` and the bench's ``--set explainer.KEY=VALUE`` follow (a per-method setting
+    goes to the methods that have it)."""
+    return [n for n in names if key in explainer_settings(conf_dir, n)]
+
+
+def check_method_settings(cfg: DictConfig, conf_dir: str | Path) -> dict:
+    """``cfg.method_settings`` checked as every other setting: a mapping from explainer options to
+    mappings of their settings, each value of the type of that option's default. Every entry is
+    checked, also those for methods this job does not run, so a typo stops the first job of a sweep.
+    Returns the mapping as plain data."""
+    node = cfg.get(METHOD_SETTINGS)
+    if node is None:
+        return {}
+    if not OmegaConf.is_dict(node):
+        raise ClipXaiError(f"{METHOD_SETTINGS}={OmegaConf.to_container(node) if OmegaConf.is_config(node) else node!r} "
+                           "is not a mapping from methods to their settings", METHOD_SETTINGS_FIX)
+    known = explainer_options(conf_dir)
+    for method in node:
+        if method not in known:
+            raise ClipXaiError(f"{METHOD_SETTINGS}.{method}: there is no explainer {method!r} "
+                               f"(explainers: {', '.join(known)})",
+                               f"key {METHOD_SETTINGS} by an explainer= option (a file name in conf/explainer/)")
+        settings = node[method]
+        if settings is None:
+            continue
+        if not OmegaConf.is_dict(settings):
+            raise ClipXaiError(f"{METHOD_SETTINGS}.{method}={settings!r} is not a mapping of settings",
+                               f"give settings by name: +{METHOD_SETTINGS}.{method}.KEY=VALUE")
+        defaults = explainer_settings(conf_dir, method)
+        for key in settings:
+            if key not in defaults:
+                raise ClipXaiError(f"{METHOD_SETTINGS}.{method}.{key}: explainer={method} has no setting {key!r} "
+                                   f"(its settings: {', '.join(defaults)})",
+                                   f"use one of its settings, or drop {METHOD_SETTINGS}.{method}.{key}")
+            if OmegaConf.is_interpolation(defaults, key):
+                continue  # set by interpolation in the yaml: left to the component, as in _check_group_types
+            default = defaults[key]
+            if OmegaConf.is_dict(default):
+                continue
+            default = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+            value = settings[key]
+            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            if not _default_type_ok(default, value):
+                kind = type(default).__name__ if default is not None else "value"
+                raise ClipXaiError(f"{METHOD_SETTINGS}.{method}.{key}={value!r} is not valid: explainer={method} "
+                                   f"wants a {kind} there (default {default!r})",
+                                   f"set {METHOD_SETTINGS}.{method}.{key} to a {kind}")
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def apply_method_settings(cfg: DictConfig, conf_dir: str | Path) -> dict:
+    """Check ``cfg.method_settings`` and merge the entry of this job's explainer (``cfg.explainer.name``)
+    into ``cfg.explainer``, in place, before anything is built: the merged values win over the yaml,
+    the experiment file and ``explainer.KEY=`` overrides, and config.yaml records them as the
+    explainer's settings. Returns the settings applied (empty when none is for this explainer)."""
+    check_method_settings(cfg, conf_dir)
+    name = OmegaConf.select(cfg, "explainer.name", default=None)
+    own = OmegaConf.select(cfg, f"{METHOD_SETTINGS}.{name}", default=None) if name is not None else None
+    if not own:
+        return {}
+    raw = OmegaConf.to_container(own, resolve=False)  # interpolations (``${seed}``) stay interpolations
+    with open_dict(cfg.explainer):
+        for key, value in raw.items():
+            cfg.explainer[key] = value
+    applied = OmegaConf.to_container(own, resolve=True)
+    log.info("%s.%s applied to explainer=%s: %s", METHOD_SETTINGS, name, name, applied)
+    return applied

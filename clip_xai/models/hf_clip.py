@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from clip_xai.errors import ClipXaiError
 from clip_xai.models.base import BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting, square_size
 from clip_xai.models.preprocess import OPENAI_MEAN, OPENAI_STD
-from clip_xai.models.weights import OFFLINE_FIX, ensure_reachable_hf
+from clip_xai.models.weights import OFFLINE_FIX, check_checkpoint, ensure_reachable_hf, load_errors, load_failure
 from clip_xai.types import TextTokens
 
 # CLIP (OpenAI) normalisation, the values of the OpenAI CLIPImageProcessor.
@@ -176,9 +176,16 @@ def load_pretrained(model_cls, family: str, repo_id: str, pretrained: bool | str
             raise ClipXaiError(f"{family} checkpoint directory {pretrained} does not exist",
                                f"pass pretrained=true to load {repo_id}, or a directory written by save_pretrained")
         source = str(path)
+        check_checkpoint(path)  # its weight files: a damaged one named in one sentence, before transformers reads it
     try:
         return source, model_cls.from_pretrained(source, cache_dir=cache_dir, attn_implementation="eager")
-    except (OSError, ValueError) as err:
+    except torch.OutOfMemoryError:
+        raise
+    except load_errors() as err:
+        if pretrained is not True:  # a local directory: one sentence naming it
+            raise load_failure(source, model_cls.__name__, err) from err
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         raise ClipXaiError(f"could not load {family} weights from {source}: {err}", OFFLINE_FIX) from err
 
 

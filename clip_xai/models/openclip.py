@@ -37,7 +37,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.models.base import (CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting,
                                   square_size)
 from clip_xai.models.preprocess import Preprocess
-from clip_xai.models.weights import ensure_reachable_weights
+from clip_xai.models.weights import check_checkpoint, ensure_reachable_weights, load_errors, load_failure
 from clip_xai.types import TextTokens
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -308,6 +308,7 @@ class OpenClipAdapter(ClipAdapter):
         if pretrained is not None:
             if Path(pretrained).expanduser().exists():
                 pretrained = str(Path(pretrained).expanduser())
+                check_checkpoint(pretrained)  # a damaged or foreign file: one sentence naming it, before torch.load
             elif _is_path(pretrained):
                 raise ClipXaiError(f"checkpoint file {pretrained} does not exist",
                                    "pass an existing checkpoint path or an open_clip tag as model.pretrained")
@@ -317,7 +318,13 @@ class OpenClipAdapter(ClipAdapter):
             torch.manual_seed(seed)
             try:
                 model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
-            except RuntimeError as err:
+            except torch.OutOfMemoryError:
+                raise
+            except load_errors() as err:
+                if Path(pretrained).exists():  # a local file: one sentence naming it, not torch's paragraph
+                    raise load_failure(pretrained, arch, err) from err
+                if not isinstance(err, RuntimeError):
+                    raise
                 raise ClipXaiError(f"could not load weights {pretrained!r} for {arch}: {err}",
                                    "check the tag or checkpoint path, or run offline with model=tiny") from err
         model.eval().requires_grad_(False)

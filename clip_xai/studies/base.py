@@ -2,18 +2,21 @@
 
 A study subclass says which columns it writes and how one batch becomes rows
 (:meth:`Study.process`); everything else — skipping samples a previous run already wrote,
-counting unreadable images, halving the batch on out-of-memory, writing results after every
-batch, the summary and W&B — lives here once.
+setting aside run-dir files damaged outside the program, counting unreadable images, halving the
+batch on out-of-memory, writing results after every batch, the summary and W&B — lives here once.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from pyarrow import ArrowException
 from torch.utils.data import Subset
 
 from clip_xai.config import precision_scope, sample_seed
@@ -21,7 +24,7 @@ from clip_xai.progress import Job
 from clip_xai.data import make_loader
 from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
-from clip_xai.schema import EXAMPLES_FILE, RUN_COLUMNS
+from clip_xai.schema import DONE_FILE, EXAMPLES_FILE, RESULTS_FILE, RUN_COLUMNS, SUMMARY_FILE
 from clip_xai.sinks.results import ResultsWriter
 from clip_xai.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens
@@ -129,7 +132,8 @@ class Study:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         self.check(ctx)
-        writer = ResultsWriter(ctx.run_dir, self.columns + [c for c in RUN_COLUMNS if c not in self.columns])
+        columns = self.columns + [c for c in RUN_COLUMNS if c not in self.columns]
+        writer, set_aside_files = open_run_dir(ctx.run_dir, columns)  # damaged files moved aside, with a warning
         done = writer.done_ids()
         ids = ctx.dataset.sample_ids
         todo = [i for i, sid in enumerate(ids) if sid not in done]
@@ -177,11 +181,12 @@ class Study:
                     "images_per_s": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
                     "device": str(ctx.device), "batch_size": ctx.batch_size, "precision": ctx.precision,
                     "oom_splits": ctx.stats["oom_splits"], "phases": ctx.phases.rounded(),
-                    "wandb_errors": getattr(ctx.sink, "errors", 0)},
+                    "wandb_errors": getattr(ctx.sink, "errors", 0), "set_aside": set_aside_files},
             **self.extra_summary(ctx),
         }
         if ctx.cache is not None:
             extra["cache_hits"], extra["cache_misses"] = ctx.cache.hits, ctx.cache.misses
+            extra["cache_damaged"] = ctx.cache.damaged
         summary = writer.summary(self.metric_columns, extra)
         summary["means"].update(self.pooled_means(writer.frame))
         if len(writer.frame) == 0:
@@ -234,6 +239,92 @@ class Study:
         ex = np.load(path)
         maps = {k: ex[k].astype(np.float32) for k in ("map_clean", "map_pert") if k in ex}
         ctx.sink.log_overlays(ex["image"], maps, [str(c) for c in ex["caption"]])
+
+
+# -- resume: a run dir's files damaged outside the program -------------------------------------------
+DAMAGED_SUFFIX = ".damaged-"
+
+
+def set_aside(path: Path, problem: str) -> Path | None:
+    """Rename the damaged file ``path`` to ``<name>.damaged-<UTC time>`` beside it (never deleted: it can
+    be inspected or restored) and warn naming both; the caller recomputes what it held. None when
+    another job moved it first (jobs of a sweep share the clean-map cache)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{stamp}-{n}")
+    try:
+        path.rename(target)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ClipXaiError(f"{path} is unreadable ({problem}) and could not be moved aside ({err.strerror or err})",
+                           f"move it aside by hand (mv '{path}' '{target}') and re-run: it is recomputed") from err
+    log.warning("%s is unreadable (%s): moved aside to %s, recomputing it", path, problem, target.name)
+    return target
+
+
+def describe(err: BaseException) -> str:
+    """An exception in one short line: its type and first sentence (readers' messages run on)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {first[:160]}"
+
+
+def _unreadable(path: Path, read) -> str | None:
+    """Why ``read(path)`` fails (None: it reads)."""
+    try:
+        read(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, ArrowException) as err:
+        return describe(err)
+    return None
+
+
+def _read_summary(path: Path) -> None:
+    if not isinstance(json.loads(path.read_text()), dict):
+        raise ValueError("not a JSON object")
+
+
+def _read_examples(path: Path) -> None:
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            z[key]
+
+
+def open_run_dir(run_dir: Path, columns: list[str]) -> tuple[ResultsWriter, dict[str, str]]:
+    """The results writer of ``run_dir`` (resuming the rows its results.parquet holds), after setting
+    aside the files a rerun reads or keeps that no longer read (damaged outside the program: a cut-short
+    copy, a disk error): ``summary.json``, ``examples.npz`` and ``results.parquet`` (then the run
+    starts over, and DONE, no longer true, is removed). Returns the writer and {file: its new name}
+    (summary.json's ``run.set_aside``); each move is warned about, never silent."""
+    moved: dict[str, str] = {}
+
+    def aside(path: Path, problem: str) -> None:
+        target = set_aside(path, problem)
+        if target is not None:
+            moved[path.name] = target.name
+
+    for name, read in ((SUMMARY_FILE, _read_summary), (EXAMPLES_FILE, _read_examples)):
+        path = run_dir / name
+        problem = _unreadable(path, read) if path.is_file() else None
+        if problem is not None:
+            aside(path, problem)
+    results = run_dir / RESULTS_FILE
+    try:
+        writer = ResultsWriter(run_dir, columns)
+        if len(writer.frame) and "sample_id" not in writer.frame.columns:
+            raise KeyError("no sample_id column")
+        return writer, moved
+    except (OSError, ValueError, KeyError, ArrowException) as err:
+        if not results.is_file():
+            raise  # not a damaged results file (e.g. an unreadable run dir): its own error
+        problem = describe(err)
+    aside(results, problem)
+    if (run_dir / DONE_FILE).is_file():  # the run is incomplete again until this rerun finishes
+        (run_dir / DONE_FILE).unlink()
+        log.warning("%s: removed its %s marker; the run starts over", run_dir, DONE_FILE)
+    return ResultsWriter(run_dir, columns), moved
 
 
 def to_uint8_images(pixels: torch.Tensor) -> np.ndarray:
