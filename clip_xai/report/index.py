@@ -8,11 +8,12 @@ from typing import Iterable
 import pandas as pd
 
 from clip_xai import provenance
-from clip_xai.report import bands, controls, figures, stats, tables
+from clip_xai.report import bands, controls, curves, figures, overview, palette, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import matrices as matrices_report
 from clip_xai.report import randomisation as randomisation_report
-from clip_xai.report.collect import REPORT_MARKER, collect, example_index
+from clip_xai.report.collect import CURVE_STUDIES, REPORT_MARKER, collect, example_index
+from clip_xai.report.collect import random_weight_models as _random_weight_models
 from clip_xai.report.contents import Item, Report
 from clip_xai.schema import DONE_FILE
 
@@ -32,7 +33,7 @@ def _sensitivity(r: Report, sens: pd.DataFrame, n_boot: int, seed: int, grid_eps
     r.tables.append(Item("Sensitivity summary", tables.write(df, md, tabdir, "sensitivity_summary",
                                                                "Sensitivity: mean [95% bootstrap CI]"),
                          f"mean map stability per method and ε with 95% bootstrap CIs ({n_boot} resamples over samples)"))
-    r.figures.append(Item("Stability vs ε", bands.sensitivity_curves(summary, figdir),
+    r.figures.append(Item("Stability vs ε", bands.sensitivity_curves(summary, figdir, pal=r.palette),
                           "mean Spearman / SSIM / Top-K vs ε per method, shaded 95% bootstrap CI; higher = more stable"))
     if "sim_diff" in sens.columns and sens["sim_diff"].notna().any():
         for m in metrics:
@@ -76,22 +77,16 @@ def _faithfulness(r: Report, faith: pd.DataFrame) -> None:
         r.skipped.append("ROAD table: all road values are NaN")
 
 
-def _random_weight_models(frame: pd.DataFrame) -> list[str]:
-    """Models whose runs had no pretrained weights (``model.pretrained`` null/false)."""
-    if "cfg.model.pretrained" not in frame.columns or "model" not in frame.columns:
-        return []
-    w = frame["cfg.model.pretrained"]
-    random = w.isna() | w.astype(str).str.lower().isin(["false", "none", ""])
-    return sorted(frame.loc[random, "model"].astype(str).unique())
-
-
 def _index_md(r: Report, counts: pd.DataFrame) -> str:
     """The text of index.md."""
     c = r.collection
     rel = lambda p: p.relative_to(r.out_dir).as_posix()  # noqa: E731
     studies = c.frame.groupby("study")["run_dir"].nunique()
     lines = ["# clip_xai report", "",
-             f"Gathered from: {', '.join(f'`{p}`' for p in c.roots)}", "", "## Counts", "",
+             f"Gathered from: {', '.join(f'`{p}`' for p in c.roots)}", ""]
+    if r.overview:
+        lines += ["## Overview", "", r.overview, ""]
+    lines += ["## Counts", "",
              f"- runs found: **{len(c.runs)}** complete ({', '.join(f'{n} {s}' for s, n in studies.items())}) "
              f"in {len(c.sweeps)} sweep(s)",
              f"- incomplete runs skipped (no `{DONE_FILE}`): **{len(c.incomplete)}**"]
@@ -132,8 +127,8 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
     coll = collect(dirs, exclude=[out_dir])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_MARKER).write_text("clip_xai report output: never read as a run dir\n")
-    r = Report(out_dir, out_dir / "index.md", coll)
     df = coll.frame
+    r = Report(out_dir, out_dir / "index.md", coll, palette=palette.palette(df["method"].astype(str)))
     df.to_parquet(out_dir / "results.parquet", index=False)
     df.to_csv(out_dir / "results.csv", index=False)
     log.info("gathered %d rows from %d runs (%d incomplete skipped)", len(df), len(coll.runs), len(coll.incomplete))
@@ -159,6 +154,13 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
             section(r, rows, n_boot, seed)
         else:
             r.skipped.append(f"{study} table and figure: no {study} rows")
+
+    rows = df[df["study"].isin(CURVE_STUDIES)]
+    if len(rows):
+        curves.section(r, rows, n_boot, seed)
+    else:
+        r.skipped.append("faithfulness curves (perturbation_curve, deletion_insertion): no curve rows")
+    overview.section(r, df, n_boot, seed)  # last computed, first shown (index.md and the item lists)
 
     tabdir = out_dir / "tables"
     abl = tables.ablation(df)

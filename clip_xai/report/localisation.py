@@ -54,7 +54,7 @@ def summary_table(loc: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFra
     return summary, note + tables.markdown(wide, index=True)
 
 
-def curves(summary: pd.DataFrame, out_dir: Path, name: str = "localisation_vs_eps") -> list[Path]:
+def curves(summary: pd.DataFrame, out_dir: Path, name: str = "localisation_vs_eps", pal: dict | None = None) -> list[Path]:
     """Each metric's mean and CI band against ε (clean at ε = 0), one curve per method."""
     d = summary[summary["metric"].isin(LOCALISATION_METRICS)].copy()
     d["eps"] = d["eps"].fillna(0.0).astype(float)
@@ -64,7 +64,7 @@ def curves(summary: pd.DataFrame, out_dir: Path, name: str = "localisation_vs_ep
         ax.set_xlabel("ε (0 = clean)")
 
     metrics = [m for m in LOCALISATION_METRICS if m in set(d["metric"])]
-    return band_grid(d, SETTING, metrics, "eps", out_dir, name, label)
+    return band_grid(d, SETTING, metrics, "eps", out_dir, name, label, pal=pal)
 
 
 def section(r: Report, loc: pd.DataFrame, n_boot: int, seed: int) -> None:
@@ -77,5 +77,5 @@ def section(r: Report, loc: pd.DataFrame, n_boot: int, seed: int) -> None:
                                                       "Localisation: mean [95% bootstrap CI]"),
                          f"pointing game, energy pointing game, relevance mass/rank accuracy, mask AUROC and "
                          f"complexity per method, clean and per ε, with 95% bootstrap CIs ({n_boot} resamples)"))
-    r.figures.append(Item("Localisation vs ε", curves(summary, r.out_dir / "figures"),
+    r.figures.append(Item("Localisation vs ε", curves(summary, r.out_dir / "figures", pal=r.palette),
                           "each localisation metric against ε (0 = the clean map) per method, shaded 95% bootstrap CI"))
