@@ -101,7 +101,11 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
               "`rows_map_flag` = rows whose map was unusable (`map_flag` non-empty, metrics NaN):", "",
               tables.markdown(counts), *provenance.report_lines(c.runs), "## Data", "",
               "- [results.parquet](results.parquet) · [results.csv](results.csv) — the tidy frame: every row of "
-              "every run, with the resolved config as `cfg.*` columns plus `method`, `run_dir`, `sweep`", ""]
+              "every run, with the resolved config as `cfg.*` columns plus `method`, `run_dir`, `sweep`"]
+    if r.view_file is not None:
+        lines.append(f"- [{r.view_file.name}]({r.view_file.name}) — the W&B workspace view of these runs (saved to W&B "
+                     f"with `python -m clip_xai.report --wandb-view {r.out_dir}` after `wandb sync`)")
+    lines.append("")
     lines += ["## Figures", ""]
     for it in r.figures:
         png = next(p for p in it.paths if p.suffix == ".png")
@@ -120,8 +124,10 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
 
 def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
                 grid_eps: float | None = None, grid_samples: int = 4, use_wandb: bool = False,
-                wandb_mode: str = "offline", wandb_project: str | None = None) -> Report:
-    """Gather the runs under `dirs` and write the report into `out` (default `<first dir>/report`)."""
+                wandb_mode: str = "offline", wandb_project: str | None = None,
+                wandb_entity: str | None = None) -> Report:
+    """Gather the runs under `dirs` and write the report into `out` (default `<first dir>/report`);
+    with ``use_wandb`` also log it as a W&B run and write (online: save) its workspace view."""
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out) if out is not None else (dirs[0] / "report" if dirs else Path("report"))
     coll = collect(dirs, exclude=[out_dir])
@@ -185,13 +191,28 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
     r.tables.append(Item("Counts", tables.write(counts, tables.markdown(counts), tabdir, "counts",
                                                 "Rows, NaN metrics and map flags per explainer"),
                          "rows, rows with NaN metrics and rows with a map_flag per study × explainer"))
+    view = None
+    if use_wandb:  # the view's definition needs no server: written before the index that links it
+        from clip_xai.report import wandb_view
+
+        groups = wandb_view.groups(r)
+        view = wandb_view.build(r, project=wandb_project or "clip_xai", entity=wandb_entity)
+        r.view_file = wandb_view.write_definition(out_dir, view, groups)
     r.index.write_text(_index_md(r, counts))
     log.info("report written to %s", r.index)
     if use_wandb:
         from clip_xai.report.wandb_log import log_report
 
+        summary = {"runs": len(coll.runs), "incomplete_runs": len(coll.incomplete), "rows": len(df),
+                   **overview.summary_keys(r.out_dir / "tables" / "overview.csv")}
         log_report(out_dir, [p for it in r.figures for p in it.paths], [p for it in r.tables for p in it.paths],
-                   {"runs": len(coll.runs), "incomplete_runs": len(coll.incomplete), "rows": len(df)},
-                   mode=wandb_mode, project=wandb_project,
+                   summary, mode=wandb_mode, project=wandb_project, entity=wandb_entity,
+                   group=wandb_view.report_group(groups, out_dir),
                    config={"dirs": [str(d) for d in dirs], "n_boot": n_boot, "seed": seed})
+        if wandb_mode == "online":
+            try:
+                log.info("W&B view saved: %s", wandb_view.save_view(r.view_file, entity=wandb_entity))
+            except Exception as e:  # noqa: BLE001 - the definition stays on disk to save later
+                log.warning("W&B view not saved (%s); save it later with python -m clip_xai.report --wandb-view %s",
+                            e, out_dir)
     return r

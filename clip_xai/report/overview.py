@@ -359,3 +359,13 @@ def section(r: Report, df: pd.DataFrame, n_boot: int, seed: int) -> None:
                             "each study's headline number per method with its 95% CI, the direction of better, "
                             "the rank and the mean rank"))
     r.figures[0:0] = figs
+
+
+def summary_keys(path: Path) -> dict[str, float]:
+    """W&B summary keys of a written overview table: ``overview/<dataset>/<model>/<mean rank
+    column>/<method>`` -> mean rank (empty when there is no overview)."""
+    if not Path(path).is_file():
+        return {}
+    t = pd.read_csv(path)
+    t = t[(t["category"] == "mean rank") & t["mean"].notna()]
+    return {f"overview/{r.dataset}/{r.model}/{r.column}/{r.method}": float(r.mean) for r in t.itertuples()}
