@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.wandb_view is not None:
             from clip_xai.report.wandb_view import save_view
 
-            print(save_view(args.wandb_view, entity=args.wandb_entity, project=args.wandb_project))
+            print(save_view(args.wandb_view, entity=args.wandb_entity, project=args.wandb_project).url)
             return 0
         from clip_xai.report.index import make_report
 

@@ -211,7 +211,7 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
                    config={"dirs": [str(d) for d in dirs], "n_boot": n_boot, "seed": seed})
         if wandb_mode == "online":
             try:
-                log.info("W&B view saved: %s", wandb_view.save_view(r.view_file, entity=wandb_entity))
+                log.info("W&B view saved: %s", wandb_view.save_view(r.view_file, entity=wandb_entity).url)
             except Exception as e:  # noqa: BLE001 - the definition stays on disk to save later
                 log.warning("W&B view not saved (%s); save it later with python -m clip_xai.report --wandb-view %s",
                             e, out_dir)

@@ -307,11 +307,11 @@ def figure(t: pd.DataFrame, out_dir: Path, name: str, title: str) -> list[Path]:
             text.loc[r["method"], r["column"]] = f"{r['rank']:g}"
         else:
             text.loc[r["method"], r["column"]] = "·"
-    fig, axes = figures._figure(1, 1, max(4.0, 0.75 * len(labels) + 2.5), max(2.5, 0.32 * len(methods) + 2.0))
+    fig, axes = figures._figure(1, 1, max(4.0, 0.75 * len(labels) + 2.5), max(3.6, 0.32 * len(methods) + 2.0))
     ax = axes[0, 0]
     sns.heatmap(scaled.astype(float), ax=ax, cmap="viridis_r", vmin=0, vmax=1, annot=text.to_numpy(), fmt="",
                 annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "rank within column (0 = best, 1 = worst)", "shrink": 0.6})
+                cbar_kws={"label": "scaled rank (0 best, 1 worst)", "shrink": 0.8})
     hib = t.drop_duplicates("column").set_index("column")
     ticks = [lab.replace(" · ", "\n", 1) + ("" if hib.loc[lab, "category"] == "mean rank"
                                              else f" {tables.ARROW[bool(hib.loc[lab, 'higher_is_better'])]}")

@@ -151,9 +151,10 @@ def load_view(path: Path):
     return view
 
 
-def save_view(path: Path, entity: str | None = None, project: str | None = None) -> str:
-    """Save a written definition to W&B (needs a login) and return the view's URL. The entity is
-    ``entity``, else the definition's, else the logged-in user's default entity."""
+def save_view(path: Path, entity: str | None = None, project: str | None = None):
+    """Save a written definition to W&B (needs a login) and return the saved Workspace (its
+    ``url`` opens it). The entity is ``entity``, else the definition's, else the logged-in user's
+    default entity."""
     view = load_view(path)
     try:
         import wandb
@@ -167,5 +168,4 @@ def save_view(path: Path, entity: str | None = None, project: str | None = None)
     view.entity = entity
     if project:
         view.project = project
-    view.save()
-    return view.url
+    return view.save()
