@@ -48,14 +48,24 @@ def method_colours(methods: list[str], pal: dict[str, Any] | None = None) -> dic
     return palette.palette([*methods, *(pal or {})])
 
 
-def shared_legend(fig: Figure, handles: list, labels: list[str], title: str, ncols: int | None = None) -> None:
+LEGEND_CHAR_IN = 0.055  # width of one legend character at fontsize 7, inches (a generous estimate)
+LEGEND_ROW_IN = 0.17  # height of one legend row at fontsize 7, inches
+
+
+def shared_legend(fig: Figure, handles: list, labels: list[str], title: str) -> None:
     """One legend for the whole figure, below the grid of panels (outside every axes: the
-    constrained layout makes room for it), deduplicated by label, in the order given."""
+    constrained layout makes room for it), deduplicated by label, in the order given. As many
+    columns as the figure's width holds; the figure grows by the legend's height (and widens
+    when one column does not fit), so the panels keep their size whatever the number of entries."""
     by_label = dict(zip(labels, handles))
     if not by_label:
         return
-    n = ncols or max(1, min(len(by_label), 6, int(fig.get_figwidth() // 2.2) or 1))
-    fig.legend(list(by_label.values()), list(by_label), loc="outside lower center", ncols=n, fontsize=7,
+    col_w = 0.45 + LEGEND_CHAR_IN * max(len(s) for s in by_label)
+    width = max(fig.get_figwidth(), col_w + 0.3)
+    ncols = max(1, min(len(by_label), int(width * 0.95 // col_w)))
+    rows = -(-len(by_label) // ncols)
+    fig.set_size_inches(width, fig.get_figheight() + rows * LEGEND_ROW_IN + 0.4)
+    fig.legend(list(by_label.values()), list(by_label), loc="outside lower center", ncols=ncols, fontsize=7,
                title=title, title_fontsize=7, frameon=False)
 
 
