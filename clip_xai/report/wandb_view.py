@@ -113,7 +113,7 @@ def build(r: Report, project: str, entity: str | None = None, name: str | None =
     member = [*gs, report_group(gs, r.out_dir)]
     return ws.Workspace(entity=entity or "", project=project, name=name or f"clip_xai · {', '.join(gs)}"[:120],
                         sections=sections,
-                        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group").isin(sorted(set(member)))]))
+                        runset_settings=ws.RunsetSettings(filters=ws.And(ws.Metric("Group").isin(sorted(set(member))))))
 
 
 def definition(view, groups_: list[str]) -> dict[str, Any]:
