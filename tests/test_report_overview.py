@@ -136,3 +136,25 @@ def test_curve_headlines_per_variant() -> None:
     assert ranks(t, "perturbation_curve · negative") == {"A": 1.0, "B": 2.0}  # higher is better
     assert ranks(t, "deletion_insertion · deletion · pred") == {"A": 1.0, "B": 2.0}
     assert t[t["category"] == "mean rank"].set_index("method")["mean"].to_dict() == {"A": 1.0, "B": 2.0}
+
+
+def test_localisation_table_carries_segmentation_metrics() -> None:
+    """The seg columns get a column each (clean maps); perturbed rows have no seg value, so NaN there."""
+    from clip_xai.report import localisation
+    from clip_xai.schema import LOCALISATION_METRICS
+
+    parts = []
+    for eps in (np.nan, 0.03):
+        for m, miou in (("A", 0.4), ("B", 0.2)):
+            r = rows("localisation", m, S, mask="entire_object", mask_area=0.3, perturbation="fgsm",
+                     eps=eps, miou=miou + OFFSET, pixel_accuracy=0.8, mean_ap=0.7, sparseness=0.5, complexity=9.0,
+                     sparseness_pert=0.4, complexity_pert=9.0,
+                     **{k: 0.5 for k in LOCALISATION_METRICS}, **{f"{k}_pert": 0.4 for k in LOCALISATION_METRICS})
+            parts.append(r)
+    loc = pd.concat(parts, ignore_index=True)
+    summary, md = localisation.summary_table(loc, n_boot=20, seed=0)
+    s = summary.set_index(["condition", "method", "metric"])["mean"]
+    assert s[("clean", "A", "miou")] == pytest.approx(0.4) and s[("clean", "B", "mean_ap")] == pytest.approx(0.7)
+    assert np.isnan(s[("fgsm", "A", "miou")])  # never the clean value under a perturbation
+    assert s[("fgsm", "A", "pointing_game")] == pytest.approx(0.4)
+    assert "mIoU ↑" in md and "Pixel accuracy ↑" in md and "mAP ↑" in md

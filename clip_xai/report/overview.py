@@ -38,14 +38,12 @@ from clip_xai.report import controls, figures, palette, stats, tables
 from clip_xai.report.collect import random_weight_models
 from clip_xai.report.contents import Item, Report
 from clip_xai.report.curves import HEADLINE_SCORE
-from clip_xai.report.localisation import clean_rows
+from clip_xai.report.localisation import SEG_METRICS, clean_rows
 from clip_xai.schema import HIGHER_IS_BETTER
 
 SETTING = ["dataset", "model"]
 CATEGORIES = ["sensitivity", "faithfulness", "localisation", "randomisation", "complexity", "manipulation",
               "perturbation_curve", "deletion_insertion"]
-#: Direction of the segmentation metrics (the seg rows' columns; HIGHER_IS_BETTER wins when it has them).
-SEG_HIGHER = {"miou": True, "pixel_accuracy": True, "mean_ap": True}
 COLUMNS = ["dataset", "model", "weights", "column", "category", "study", "metric", "higher_is_better", "method",
            "n", "mean", "lo", "hi", "rank", "n_ranked", "sample_set"]
 
@@ -118,7 +116,7 @@ def _localisation(df: pd.DataFrame) -> list[Column]:
     masks = sorted(rows["mask"].dropna().astype(str).unique()) if "mask" in rows.columns else []
     groups = [(m, rows[rows["mask"].astype(str) == m]) for m in masks] if len(masks) > 1 else [("", rows)]
     return [Column(f"localisation{f' · {m}' if m else ''} · {metric}", "localisation", "localisation", metric,
-                   HIGHER_IS_BETTER.get(metric, SEG_HIGHER.get(metric, True)), g)
+                   HIGHER_IS_BETTER.get(metric, SEG_METRICS.get(metric, True)), g)
             for m, g in groups]
 
 
