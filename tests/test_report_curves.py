@@ -175,3 +175,14 @@ def test_curves_on_different_points_are_refused(tmp_path: Path) -> None:
     short.at[0, "curve_hit"] = [1.0, 0.5]
     with pytest.raises(ClipXaiError, match="2 points"):
         curves.summary(short, n_boot=10)
+
+
+def test_bootstrap_rows_in_chunks(monkeypatch) -> None:
+    """Chunked draws (large runs) give a band as wide as the one-shot draws, and the means exactly."""
+    x = np.random.default_rng(5).normal(0, 1, (40, 3))
+    whole = stats.bootstrap_rows(x, n_boot=400, seed=2)
+    monkeypatch.setattr(stats, "BOOT_CHUNK", 40 * 7)  # 7 resamples per chunk
+    chunked = stats.bootstrap_rows(x, n_boot=400, seed=2)
+    assert np.allclose(whole[0], chunked[0])
+    assert np.allclose(whole[1], chunked[1], atol=0.1) and np.allclose(whole[2], chunked[2], atol=0.1)
+    assert (chunked[1] < chunked[0]).all() and (chunked[0] < chunked[2]).all()

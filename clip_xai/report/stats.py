@@ -35,12 +35,16 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, level: float = 0.9
     return (mean, float(lo), float(hi))
 
 
+BOOT_CHUNK = 1 << 22  # resample entries drawn at once by bootstrap_rows (32 MiB of int64 indices)
+
+
 def bootstrap_rows(x: np.ndarray, n_boot: int = 1000, level: float = 0.95,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Column means of ``x`` (rows = samples, e.g. one curve per sample) and their percentile-bootstrap
     CIs, resampling whole rows with the same draws for every column (rows with a NaN are dropped
-    first). Column k equals ``bootstrap_ci(x[:, k], n_boot, level, seed)`` on the kept rows: the same
-    generator and draws, counted with a bincount so the memory stays n_boot × rows."""
+    first). Column k equals ``bootstrap_ci(x[:, k], n_boot, level, seed)`` on the kept rows (the same
+    generator and draws, counted with a bincount) while n_boot × rows stays under BOOT_CHUNK; above
+    it the draws come in chunks of resamples, so the memory stays bounded on large runs."""
     x = np.asarray(x, float)
     x = x[~np.isnan(x).any(axis=1)]
     n, p = x.shape
@@ -50,9 +54,14 @@ def bootstrap_rows(x: np.ndarray, n_boot: int = 1000, level: float = 0.95,
     mean = x.mean(axis=0)
     if n < 2 or n_boot < 1:
         return mean, nan, nan.copy()
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n).reshape(n_boot, n)
-    means = counts @ x / n
+    rng = np.random.default_rng(seed)
+    step = max(1, BOOT_CHUNK // n)
+    means = np.empty((n_boot, p))
+    for a in range(0, n_boot, step):
+        b = min(n_boot, a + step)
+        idx = rng.integers(0, n, size=(b - a, n))
+        counts = np.bincount((idx + n * np.arange(b - a)[:, None]).ravel(), minlength=(b - a) * n).reshape(b - a, n)
+        means[a:b] = counts @ x / n
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
     return mean, lo, hi
 
