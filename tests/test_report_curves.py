@@ -186,3 +186,22 @@ def test_bootstrap_rows_in_chunks(monkeypatch) -> None:
     assert np.allclose(whole[0], chunked[0])
     assert np.allclose(whole[1], chunked[1], atol=0.1) and np.allclose(whole[2], chunked[2], atol=0.1)
     assert (chunked[1] < chunked[0]).all() and (chunked[0] < chunked[2]).all()
+
+
+def test_a_further_condition_column_keeps_curves_apart() -> None:
+    """Rows that differ in another condition column (e.g. the step settings) are summarised apart,
+    not refused as mismatched curves, when the schema names that column a condition."""
+    from clip_xai import schema
+
+    a = curve_rows("gradcam", "perturbation_curve", "positive", "gt", 1.0, 0, ("hit",)).assign(curve_params="per")
+    b = a.assign(curve_params="100", curve_fraction=[list(np.linspace(0, 0.45, len(FRACTION)))] * len(a))
+    rows = pd.concat([a, b], ignore_index=True).assign(method="gradcam")
+    cond = {**schema.CONDITION_KEYS, "perturbation_curve": ["curve_variant", "target", "curve_params"]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(curves, "CONDITION_KEYS", cond)
+        s = curves.summary(rows, n_boot=10)
+        auc = curves.auc_summary(rows, n_boot=10)
+        md = curves.auc_md(auc)
+    assert set(s["curve_params"]) == {"per", "100"} and len(auc) == 2
+    assert s.loc[s["curve_params"] == "100", "fraction"].max() == pytest.approx(0.45)
+    assert "curve_params=100" in md and "curve_params=per" in md

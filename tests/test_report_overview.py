@@ -158,3 +158,17 @@ def test_localisation_table_carries_segmentation_metrics() -> None:
     assert np.isnan(s[("fgsm", "A", "miou")])  # never the clean value under a perturbation
     assert s[("fgsm", "A", "pointing_game")] == pytest.approx(0.4)
     assert "mIoU ↑" in md and "Pixel accuracy ↑" in md and "mAP ↑" in md
+
+
+def test_curve_settings_that_differ_get_their_own_columns(monkeypatch) -> None:
+    from clip_xai import schema
+    from clip_xai.report import curves
+
+    monkeypatch.setattr(curves, "CONDITION_KEYS",
+                        {**schema.CONDITION_KEYS, "perturbation_curve": ["curve_variant", "target", "curve_params"]})
+    parts = [rows("perturbation_curve", m, S, curve_variant="positive", target="gt", curve_params=p, auc_hit=v)
+             for m, v in (("A", 0.2), ("B", 0.4)) for p in ("per", "100")]
+    parts.append(rows("faithfulness", "A", S, conf_drop_image=1.0))
+    t, _ = overview.setting_table(pd.concat(parts, ignore_index=True), n_boot=10)
+    assert {"perturbation_curve · positive · gt · curve_params=100 · auc_hit",
+            "perturbation_curve · positive · gt · curve_params=per · auc_hit"} <= set(t["column"])

@@ -22,9 +22,10 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.report import figures, stats, tables
 from clip_xai.report.bands import band_grid
 from clip_xai.report.contents import Item, Report
+from clip_xai.schema import CONDITION_KEYS
 
 SETTING = ["dataset", "model"]
-CONDITION = ["study", "curve_variant", "target"]
+CONDITION = ["study", "curve_variant", "target"]  # always; plus the study's other CONDITION_KEYS (condition())
 FRACTION = "curve_fraction"
 #: The score drawn first (and the overview's headline) of each study, when its rows carry it.
 HEADLINE_SCORE = {"perturbation_curve": "hit", "deletion_insertion": "top1"}
@@ -35,10 +36,28 @@ POINTS_NOTE = ("One row per setting × study × variant × target × method × s
                "the curve figures: see the CSV beside this file.\n")
 
 
+def condition(rows: pd.DataFrame) -> list[str]:
+    """The condition columns of curve rows: study, variant, target, then any other condition column
+    the studies' schema names (e.g. a settings column) that the rows carry."""
+    extra = [c for s in rows["study"].unique() for c in CONDITION_KEYS.get(s, [])]
+    return list(dict.fromkeys([*CONDITION, *(c for c in extra if c in rows.columns)]))
+
+
+def _per_study(rows: pd.DataFrame, fn) -> pd.DataFrame:
+    """``fn(rows of one study, its condition columns)`` for each study, concatenated."""
+    parts = [fn(g, condition(g)) for _, g in rows.groupby("study", sort=True)]
+    return pd.concat(parts, ignore_index=True) if parts else fn(rows, condition(rows))
+
+
 def scores(rows: pd.DataFrame) -> list[str]:
-    """Score names of the list columns ``curve_<score>`` that hold a curve in some row."""
+    """Score names of the list columns ``curve_<score>`` that hold a curve in some row (not the
+    fraction, not a condition column such as ``curve_variant``)."""
+    def is_curve(col: pd.Series) -> bool:
+        v = col.dropna()
+        return len(v) > 0 and isinstance(v.iloc[0], (list, tuple, np.ndarray))
+
     out = [c.removeprefix("curve_") for c in rows.columns
-           if c.startswith("curve_") and c not in (FRACTION, "curve_variant") and rows[c].notna().any()]
+           if c.startswith("curve_") and c != FRACTION and c not in condition(rows) and is_curve(rows[c])]
     first = [s for s in HEADLINE_SCORE.values() if s in out]
     return [*first, *sorted(s for s in out if s not in first)]
 
@@ -70,10 +89,14 @@ def _fraction(g: pd.DataFrame, what: str) -> np.ndarray:
 
 
 def summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Long table: setting × study × variant × target × method × score × point, with the fraction,
-    n (samples with a whole curve), mean and the 95% bootstrap band lo/hi. Repeats (seeds) of a
-    sample are averaged first, so the band resamples samples."""
-    keys = [*SETTING, *CONDITION, "method"]
+    """Long table: setting × study × variant × target (× other conditions) × method × score × point,
+    with the fraction, n (samples with a whole curve), mean and the 95% bootstrap band lo/hi.
+    Repeats (seeds) of a sample are averaged first, so the band resamples samples."""
+    return _per_study(rows, lambda g, cond: _summary(g, cond, n_boot, seed))
+
+
+def _summary(rows: pd.DataFrame, cond: list[str], n_boot: int, seed: int) -> pd.DataFrame:
+    keys = [*SETTING, *cond, "method"]
     out = []
     for key, g in rows.groupby(keys, sort=True, dropna=False):
         what = " · ".join(map(str, key))
@@ -90,10 +113,15 @@ def summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
 
 
 def auc_summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Mean AUC per setting × study × variant × target × method and AUC column, with its 95%
-    bootstrap CI (over samples, repeats averaged) and the direction of better (None if unknown)."""
+    """Mean AUC per setting × study × variant × target (× other conditions) × method and AUC column,
+    with its 95% bootstrap CI (over samples, repeats averaged) and the direction of better (None if
+    unknown)."""
+    return _per_study(rows, lambda g, cond: _auc_summary(g, cond, n_boot, seed))
+
+
+def _auc_summary(rows: pd.DataFrame, cond: list[str], n_boot: int, seed: int) -> pd.DataFrame:
     aucs = [c for c in rows.columns if c.startswith("auc_") and rows[c].notna().any()]
-    keys = [*SETTING, *CONDITION, "method"]
+    keys = [*SETTING, *cond, "method"]
     out = []
     for key, g in rows.groupby(keys, sort=True, dropna=False):
         fam = dict(zip(keys, key))
@@ -109,7 +137,7 @@ def auc_md(auc: pd.DataFrame) -> str:
     """Markdown: one section per setting × study × variant × target; rows = methods, cells
     ``mean [lo, hi]``, the best mean in bold (honouring the variant's direction)."""
     parts = []
-    for key, g in auc.groupby([*SETTING, *CONDITION], sort=True, dropna=False):
+    for key, g in auc.groupby([*SETTING, *condition(auc)], sort=True, dropna=False):
         cols, bold = {}, {}
         for metric, m in g.groupby("metric", sort=False):
             hib = m["higher_is_better"].iloc[0]
@@ -123,9 +151,10 @@ def auc_md(auc: pd.DataFrame) -> str:
         for head, best in bold.items():
             t.loc[best, head] = f"**{t.loc[best, head]}**"
         t.index.name = "method"
-        dataset, model, study, variant, target = key
+        dataset, model, study, variant, target, *other = key
         n = int(g["n"].max())
-        parts.append(f"## {study} · {variant} · target={target} · {dataset} · {model} (n ≤ {n})\n\n"
+        more = "".join(f" · {c}={v}" for c, v in zip(condition(auc)[3:], other) if not pd.isna(v))
+        parts.append(f"## {study} · {variant} · target={target} · {dataset} · {model}{more} (n ≤ {n})\n\n"
                      f"{tables.markdown(t, index=True)}")
     return ("Area under each sample's curve (score against the removed or inserted fraction), mean over "
             "samples with a 95% bootstrap CI; best mean in bold. Positive perturbation and deletion remove "
@@ -137,7 +166,10 @@ def auc_md(auc: pd.DataFrame) -> str:
 def figure(s: pd.DataFrame, out_dir: Path, name: str, pal: dict | None = None) -> list[Path]:
     """Rows = scores, columns = variant × target: mean score against the fraction per method, 95% CI bands."""
     d = s.assign(metric=s["curve_variant"].astype(str) + " · target=" + s["target"].astype(str))
-    panels = list(dict.fromkeys(d.sort_values(["curve_variant", "target"])["metric"]))
+    for c in [c for c in condition(s)[3:] if s[c].nunique() > 1]:  # e.g. two step settings: numbered panels
+        codes = {v: i + 1 for i, v in enumerate(sorted(s[c].astype(str).unique()))}
+        d["metric"] += f" · {c} #" + s[c].astype(str).map(codes).astype(str)
+    panels = list(dict.fromkeys(d.sort_values(["curve_variant", "target", "metric"])["metric"]))
 
     def label(ax, key, panel, _d) -> None:
         inserted = panel.startswith("insertion")

@@ -23,7 +23,8 @@ LABELS = {"pointing_game": "Pointing game", "energy_pointing_game": "Energy PG (
 
 def metrics_of(loc: pd.DataFrame) -> list[str]:
     """The localisation metrics of the table: the five of every run, the segmentation ones when present."""
-    return [*LOCALISATION_METRICS, *(m for m in SEG_METRICS if m in loc.columns and loc[m].notna().any())]
+    seg = [m for m in SEG_METRICS if m in loc.columns and loc[m].notna().any()]
+    return list(dict.fromkeys([*(m for m in LOCALISATION_METRICS if m not in SEG_METRICS), *seg]))
 SETTING = ["dataset", "model", "mask"]
 
 

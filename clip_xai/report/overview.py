@@ -38,6 +38,7 @@ from clip_xai.report import controls, figures, palette, stats, tables
 from clip_xai.report.collect import random_weight_models
 from clip_xai.report.contents import Item, Report
 from clip_xai.report.curves import HEADLINE_SCORE
+from clip_xai.report.curves import condition as curve_condition
 from clip_xai.report.localisation import SEG_METRICS, clean_rows
 from clip_xai.schema import HIGHER_IS_BETTER
 
@@ -160,12 +161,14 @@ def _curve(study: str) -> Callable[[pd.DataFrame], list[Column]]:
         out = []
         if not _has(rows, metric):
             return out
-        for (variant, target), g in rows.groupby(["curve_variant", "target"], sort=True):
+        extra = [c for c in curve_condition(rows)[3:] if rows[c].astype(str).nunique() > 1]
+        for key, g in rows.groupby(["curve_variant", "target", *extra], sort=True):
+            variant, target, *other = key
             hib = stats.higher_is_better(metric, {"curve_variant": variant})
             if hib is None:
                 continue
-            out.append(Column(f"{study} · {variant} · {target} · {metric}", study, study, metric, hib,
-                              g))
+            more = "".join(f" · {c}={v}" for c, v in zip(extra, other))
+            out.append(Column(f"{study} · {variant} · {target}{more} · {metric}", study, study, metric, hib, g))
         return out
     return columns
 
