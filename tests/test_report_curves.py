@@ -64,7 +64,7 @@ def build_curves(root: Path) -> Path:
         for variant, slope in slopes.items():
             for target in ("gt", "pred"):
                 write_run(root / "di" / str(job), cfg("deletion_insertion", expl),
-                          curve_rows(expl, "deletion_insertion", variant, target, slope, job, ("top1", "top5")))
+                          curve_rows(expl, "deletion_insertion", variant, target, slope, job, ("top1",)))
                 job += 1
     return root
 
@@ -141,7 +141,7 @@ def test_auc_paired_tests_honour_the_variant(frame: pd.DataFrame) -> None:
     assert pc.loc["positive", "better"] == "gradcam" and not pc.loc["positive", "higher_is_better"]
     assert pc.loc["negative", "better"] == "gradcam" and pc.loc["negative", "higher_is_better"]
     assert pc.loc["positive", "mean_diff"] < 0 < pc.loc["negative", "mean_diff"]  # a = gradcam, b = rollout
-    assert set(tests["metric"]) >= {"auc_hit", "auc_top1", "auc_top5"}
+    assert set(tests["metric"]) >= {"auc_hit", "auc_top1"}
     assert "auc_prob_diff" not in set(tests["metric"])
     di = tests[(tests["study"] == "deletion_insertion") & (tests["metric"] == "auc_top1")]
     assert len(di) == 4  # deletion/insertion × gt/pred: never pooled
@@ -159,7 +159,7 @@ def test_report_files(report: Path) -> None:
     for name in ("auc_perturbation_curve", "auc_deletion_insertion", "curves_perturbation_curve", "wilcoxon", "ranks"):
         assert (report / "tables" / f"{name}.csv").is_file()
     pts = pd.read_csv(report / "tables" / "curves_deletion_insertion.csv")
-    assert set(pts["score"]) == {"top1", "top5"} and set(pts["target"]) == {"gt", "pred"}
+    assert set(pts["score"]) == {"top1"} and set(pts["target"]) == {"gt", "pred"}
     assert "random weights" in index  # the tiny model has no pretrained weights
     assert "auc_hit ↓" in (report / "tables" / "wilcoxon.md").read_text()
 
