@@ -116,6 +116,9 @@ CONDITION_KEYS = {
     "faithfulness": [],
     "localisation": ["mask", "perturbation", "eps"],
     "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
+    # provisional (report branch; the lead reconciles with the curve studies' own schema at merge)
+    "perturbation_curve": ["curve_variant", "target"],
+    "deletion_insertion": ["curve_variant", "target"],
 }
 REPEAT_KEY = ["seed"]
 
@@ -143,6 +146,21 @@ HIGHER_IS_BETTER = {
     "mask_drop": True, "mask_drop_pert": True, "mask_flag": False, "mask_flag_pert": False,
     # randomisation: a map that passes the sanity check moves away from the original (towards 0)
     "rand_spearman": False, "rand_ssim": False, "rand_topk": False,
+}
+
+# Curve studies (perturbation_curve: Chefer et al. 2021 positive/negative perturbation;
+# deletion_insertion: Grad-ECLIP deletion/insertion): one row per sample with list<float64> columns
+# curve_fraction (point 0 = 0.0 = the clean image) and curve_<score> of the same length, and a
+# per-row AUC auc_<score>. Which AUC is better high depends on the curve's variant: removing the
+# most relevant pixels first (positive, deletion) should make the score fall fast (lower AUC is
+# better); removing the least relevant first (negative) or inserting the most relevant first
+# (insertion) should keep or raise it (higher is better). Provisional copy (report branch) of the
+# curve studies' mapping: curve_variant -> {auc column -> higher is better}.
+CURVE_HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
+    "positive": {"auc_hit": False},
+    "negative": {"auc_hit": True},
+    "deletion": {"auc_top1": False, "auc_top5": False, "auc_top10": False},
+    "insertion": {"auc_top1": True, "auc_top5": True, "auc_top10": True},
 }
 
 # examples.npz arrays (n = study.save_examples, maps min-max normalised at image resolution):

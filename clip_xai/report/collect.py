@@ -13,16 +13,20 @@ import pandas as pd
 import yaml
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.schema import (CONFIG_FILE, DONE_FILE, EXAMPLES_FILE, FAITHFULNESS_COLUMNS, HIGHER_IS_BETTER,
-                             LOCALISATION_COLUMNS, OPTIONAL_COLUMNS, RANDOMISATION_COLUMNS, RESULTS_FILE,
-                             SENSITIVITY_COLUMNS, key_columns)
+from clip_xai.schema import (CONDITION_KEYS, CONFIG_FILE, DONE_FILE, EXAMPLES_FILE, FAITHFULNESS_COLUMNS,
+                             HIGHER_IS_BETTER, ID_COLUMNS, LOCALISATION_COLUMNS, OPTIONAL_COLUMNS,
+                             RANDOMISATION_COLUMNS, RESULTS_FILE, SENSITIVITY_COLUMNS, key_columns)
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "multirun.yaml"  # Hydra writes it into the sweep dir of a --multirun
 REPORT_MARKER = ".clip_xai_report"  # written into report output dirs so they are never read as runs
+#: The curve studies' rows (schema.CURVE_HIGHER_IS_BETTER): what the report needs of them beside the
+#: per-score list columns curve_<score> and AUCs auc_<score>, which it discovers.
+CURVE_STUDIES = ["perturbation_curve", "deletion_insertion"]
 STUDY_COLUMNS = {"sensitivity": SENSITIVITY_COLUMNS, "faithfulness": FAITHFULNESS_COLUMNS,
-                 "localisation": LOCALISATION_COLUMNS, "randomisation": RANDOMISATION_COLUMNS}
+                 "localisation": LOCALISATION_COLUMNS, "randomisation": RANDOMISATION_COLUMNS,
+                 **{s: [*ID_COLUMNS, *CONDITION_KEYS[s], "curve_fraction"] for s in CURVE_STUDIES}}
 # Rows with the same values here, from different runs, describe the same measurement: the method
 # and every identifying column of the results schema.
 ROW_KEY = ["method", *key_columns()]
@@ -116,7 +120,7 @@ def load_run(run_dir: Path, sweep: Path | None = None) -> pd.DataFrame:
     for study in df["study"].unique() if len(df) else []:
         if study not in STUDY_COLUMNS:
             raise ClipXaiError(f"run {run_dir} has rows of unknown study {study!r} (known: {sorted(STUDY_COLUMNS)})",
-                               "report only sensitivity/faithfulness runs written by this clip-xai version")
+                               "report only runs written by this clip-xai version")
         missing = [c for c in STUDY_COLUMNS[study] if c not in df.columns]
         if missing:
             raise ClipXaiError(f"run {run_dir} ({study}) lacks schema columns {missing}",
@@ -158,6 +162,7 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Drop rows repeated identically across runs; raise if runs disagree on the same measurement."""
     key = [c for c in ROW_KEY if c in df.columns]
     metrics = [c for c in [*HIGHER_IS_BETTER, "road_morf", "road_lerf", "sim_orig"] if c in df.columns]
+    metrics += [c for c in df.columns if c.startswith("auc_")]
     exact = df.duplicated([*key, *metrics], keep="first")
     df2 = df[~exact]
     clash = df2[df2.duplicated(key, keep=False)]
@@ -202,6 +207,15 @@ def collect(dirs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> C
     df = df[[*first, "method", *[c for c in rest if c != "method"], *cfg]]
     uniq_sweeps = sorted({s for s in sweeps.values() if s is not None}, key=lambda p: _natural(str(p)))
     return Collection(df, complete, incomplete, uniq_sweeps, roots, dropped)
+
+
+def random_weight_models(frame: pd.DataFrame) -> list[str]:
+    """Models whose runs had no pretrained weights (``model.pretrained`` null/false)."""
+    if "cfg.model.pretrained" not in frame.columns or "model" not in frame.columns:
+        return []
+    w = frame["cfg.model.pretrained"]
+    random = w.isna() | w.astype(str).str.lower().isin(["false", "none", ""])
+    return sorted(frame.loc[random, "model"].astype(str).unique())
 
 
 def example_index(df: pd.DataFrame) -> list[dict[str, Any]]:

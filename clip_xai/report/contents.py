@@ -31,6 +31,9 @@ class Report:
     figures: list[Item] = field(default_factory=list)
     tables: list[Item] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    palette: dict = field(default_factory=dict)
+    view_file: Path | None = None  # wandb_view.json, when --wandb wrote the W&B view's definition
+    overview: str = ""  # the overview section's Markdown (report/overview.py), first in index.md  # method -> colour, the same in every figure (report/palette.py)
 
     def files(self) -> list[Path]:
         """Every figure and table file written."""

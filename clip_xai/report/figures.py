@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.report import palette
 
 SENS_METRICS = {"spearman": "Spearman ρ", "ssim": "SSIM", "topk": "Top-K intersection"}
 SETTING = ["dataset", "model", "perturbation"]
@@ -39,9 +40,33 @@ def slug(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(str(p) for p in parts)).strip("-")
 
 
-def _palette(methods: list[str]) -> dict[str, Any]:
-    """Stable method -> colour mapping shared by all figures."""
-    return dict(zip(methods, sns.color_palette("colorblind" if len(methods) <= 10 else "husl", len(methods))))
+def method_colours(methods: list[str], pal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's method -> colour mapping (:mod:`clip_xai.report.palette`), or one built from
+    ``methods`` alone when a figure is drawn outside a report."""
+    if pal is not None and all(m in pal for m in methods):
+        return pal
+    return palette.palette([*methods, *(pal or {})])
+
+
+LEGEND_CHAR_IN = 0.055  # width of one legend character at fontsize 7, inches (a generous estimate)
+LEGEND_ROW_IN = 0.17  # height of one legend row at fontsize 7, inches
+
+
+def shared_legend(fig: Figure, handles: list, labels: list[str], title: str) -> None:
+    """One legend for the whole figure, below the grid of panels (outside every axes: the
+    constrained layout makes room for it), deduplicated by label, in the order given. As many
+    columns as the figure's width holds; the figure grows by the legend's height (and widens
+    when one column does not fit), so the panels keep their size whatever the number of entries."""
+    by_label = dict(zip(labels, handles))
+    if not by_label:
+        return
+    col_w = 0.45 + LEGEND_CHAR_IN * max(len(s) for s in by_label)
+    width = max(fig.get_figwidth(), col_w + 0.3)
+    ncols = max(1, min(len(by_label), int(width * 0.95 // col_w)))
+    rows = -(-len(by_label) // ncols)
+    fig.set_size_inches(width, fig.get_figheight() + rows * LEGEND_ROW_IN + 0.4)
+    fig.legend(list(by_label.values()), list(by_label), loc="outside lower center", ncols=ncols, fontsize=7,
+               title=title, title_fontsize=7, frameon=False)
 
 
 def metric_vs_simdiff(sens: pd.DataFrame, metric: str, out_dir: Path, seed: int = 0) -> list[Path]:
@@ -67,8 +92,11 @@ def metric_vs_simdiff(sens: pd.DataFrame, metric: str, out_dir: Path, seed: int 
             ax.axvline(0, color="0.5", linewidth=0.8)
             ax.set(title=f"{method} (n={len(d)})", xlabel="Δs (relative similarity change)",
                    ylabel=SENS_METRICS[metric])
-        if axes[0, 0].get_legend() is not None:
-            sns.move_legend(axes[0, 0], "lower left", title="ε", fontsize="small")
+        legend = axes[0, 0].get_legend()
+        if legend is not None:  # one ε legend for all panels, under the grid
+            handles, labels = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+            legend.remove()
+            shared_legend(fig, handles, labels, "ε")
         return save(fig, out_dir, f"{metric}_vs_simdiff")
 
 

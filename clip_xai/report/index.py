@@ -8,11 +8,12 @@ from typing import Iterable
 import pandas as pd
 
 from clip_xai import provenance
-from clip_xai.report import bands, controls, figures, stats, tables
+from clip_xai.report import bands, controls, curves, figures, overview, palette, stats, tables
 from clip_xai.report import localisation as localisation_report
 from clip_xai.report import matrices as matrices_report
 from clip_xai.report import randomisation as randomisation_report
-from clip_xai.report.collect import REPORT_MARKER, collect, example_index
+from clip_xai.report.collect import CURVE_STUDIES, REPORT_MARKER, collect, example_index
+from clip_xai.report.collect import random_weight_models as _random_weight_models
 from clip_xai.report.contents import Item, Report
 from clip_xai.schema import DONE_FILE
 
@@ -32,7 +33,7 @@ def _sensitivity(r: Report, sens: pd.DataFrame, n_boot: int, seed: int, grid_eps
     r.tables.append(Item("Sensitivity summary", tables.write(df, md, tabdir, "sensitivity_summary",
                                                                "Sensitivity: mean [95% bootstrap CI]"),
                          f"mean map stability per method and ε with 95% bootstrap CIs ({n_boot} resamples over samples)"))
-    r.figures.append(Item("Stability vs ε", bands.sensitivity_curves(summary, figdir),
+    r.figures.append(Item("Stability vs ε", bands.sensitivity_curves(summary, figdir, pal=r.palette),
                           "mean Spearman / SSIM / Top-K vs ε per method, shaded 95% bootstrap CI; higher = more stable"))
     if "sim_diff" in sens.columns and sens["sim_diff"].notna().any():
         for m in metrics:
@@ -76,22 +77,16 @@ def _faithfulness(r: Report, faith: pd.DataFrame) -> None:
         r.skipped.append("ROAD table: all road values are NaN")
 
 
-def _random_weight_models(frame: pd.DataFrame) -> list[str]:
-    """Models whose runs had no pretrained weights (``model.pretrained`` null/false)."""
-    if "cfg.model.pretrained" not in frame.columns or "model" not in frame.columns:
-        return []
-    w = frame["cfg.model.pretrained"]
-    random = w.isna() | w.astype(str).str.lower().isin(["false", "none", ""])
-    return sorted(frame.loc[random, "model"].astype(str).unique())
-
-
 def _index_md(r: Report, counts: pd.DataFrame) -> str:
     """The text of index.md."""
     c = r.collection
     rel = lambda p: p.relative_to(r.out_dir).as_posix()  # noqa: E731
     studies = c.frame.groupby("study")["run_dir"].nunique()
     lines = ["# clip_xai report", "",
-             f"Gathered from: {', '.join(f'`{p}`' for p in c.roots)}", "", "## Counts", "",
+             f"Gathered from: {', '.join(f'`{p}`' for p in c.roots)}", ""]
+    if r.overview:
+        lines += ["## Overview", "", r.overview, ""]
+    lines += ["## Counts", "",
              f"- runs found: **{len(c.runs)}** complete ({', '.join(f'{n} {s}' for s, n in studies.items())}) "
              f"in {len(c.sweeps)} sweep(s)",
              f"- incomplete runs skipped (no `{DONE_FILE}`): **{len(c.incomplete)}**"]
@@ -106,7 +101,11 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
               "`rows_map_flag` = rows whose map was unusable (`map_flag` non-empty, metrics NaN):", "",
               tables.markdown(counts), *provenance.report_lines(c.runs), "## Data", "",
               "- [results.parquet](results.parquet) · [results.csv](results.csv) — the tidy frame: every row of "
-              "every run, with the resolved config as `cfg.*` columns plus `method`, `run_dir`, `sweep`", ""]
+              "every run, with the resolved config as `cfg.*` columns plus `method`, `run_dir`, `sweep`"]
+    if r.view_file is not None:
+        lines.append(f"- [{r.view_file.name}]({r.view_file.name}) — the W&B workspace view of these runs (saved to W&B "
+                     f"with `python -m clip_xai.report --wandb-view {r.out_dir}` after `wandb sync`)")
+    lines.append("")
     lines += ["## Figures", ""]
     for it in r.figures:
         png = next(p for p in it.paths if p.suffix == ".png")
@@ -125,15 +124,17 @@ def _index_md(r: Report, counts: pd.DataFrame) -> str:
 
 def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
                 grid_eps: float | None = None, grid_samples: int = 4, use_wandb: bool = False,
-                wandb_mode: str = "offline", wandb_project: str | None = None) -> Report:
-    """Gather the runs under `dirs` and write the report into `out` (default `<first dir>/report`)."""
+                wandb_mode: str = "offline", wandb_project: str | None = None,
+                wandb_entity: str | None = None) -> Report:
+    """Gather the runs under `dirs` and write the report into `out` (default `<first dir>/report`);
+    with ``use_wandb`` also log it as a W&B run and write (online: save) its workspace view."""
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out) if out is not None else (dirs[0] / "report" if dirs else Path("report"))
     coll = collect(dirs, exclude=[out_dir])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_MARKER).write_text("clip_xai report output: never read as a run dir\n")
-    r = Report(out_dir, out_dir / "index.md", coll)
     df = coll.frame
+    r = Report(out_dir, out_dir / "index.md", coll, palette=palette.palette(df["method"].astype(str)))
     df.to_parquet(out_dir / "results.parquet", index=False)
     df.to_csv(out_dir / "results.csv", index=False)
     log.info("gathered %d rows from %d runs (%d incomplete skipped)", len(df), len(coll.runs), len(coll.incomplete))
@@ -160,6 +161,13 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
         else:
             r.skipped.append(f"{study} table and figure: no {study} rows")
 
+    rows = df[df["study"].isin(CURVE_STUDIES)]
+    if len(rows):
+        curves.section(r, rows, n_boot, seed)
+    else:
+        r.skipped.append("faithfulness curves (perturbation_curve, deletion_insertion): no curve rows")
+    overview.section(r, df, n_boot, seed)  # last computed, first shown (index.md and the item lists)
+
     tabdir = out_dir / "tables"
     abl = tables.ablation(df)
     if abl is not None:
@@ -183,13 +191,28 @@ def make_report(dirs: Iterable[str | Path], out: str | Path | None = None, n_boo
     r.tables.append(Item("Counts", tables.write(counts, tables.markdown(counts), tabdir, "counts",
                                                 "Rows, NaN metrics and map flags per explainer"),
                          "rows, rows with NaN metrics and rows with a map_flag per study × explainer"))
+    view = None
+    if use_wandb:  # the view's definition needs no server: written before the index that links it
+        from clip_xai.report import wandb_view
+
+        groups = wandb_view.groups(r)
+        view = wandb_view.build(r, project=wandb_project or "clip_xai", entity=wandb_entity)
+        r.view_file = wandb_view.write_definition(out_dir, view, groups)
     r.index.write_text(_index_md(r, counts))
     log.info("report written to %s", r.index)
     if use_wandb:
         from clip_xai.report.wandb_log import log_report
 
+        summary = {"runs": len(coll.runs), "incomplete_runs": len(coll.incomplete), "rows": len(df),
+                   **overview.summary_keys(r.out_dir / "tables" / "overview.csv")}
         log_report(out_dir, [p for it in r.figures for p in it.paths], [p for it in r.tables for p in it.paths],
-                   {"runs": len(coll.runs), "incomplete_runs": len(coll.incomplete), "rows": len(df)},
-                   mode=wandb_mode, project=wandb_project,
+                   summary, mode=wandb_mode, project=wandb_project, entity=wandb_entity,
+                   group=wandb_view.report_group(groups, out_dir),
                    config={"dirs": [str(d) for d in dirs], "n_boot": n_boot, "seed": seed})
+        if wandb_mode == "online":
+            try:
+                log.info("W&B view saved: %s", wandb_view.save_view(r.view_file, entity=wandb_entity).url)
+            except Exception as e:  # noqa: BLE001 - the definition stays on disk to save later
+                log.warning("W&B view not saved (%s); save it later with python -m clip_xai.report --wandb-view %s",
+                            e, out_dir)
     return r

@@ -40,7 +40,7 @@ def summary(rnd: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return stats.summarise(d, metrics, [*SETTING, "mode", "x", "state", "method"], n_boot, seed)
 
 
-def figure(s: pd.DataFrame, out_dir: Path, name: str = "randomisation") -> list[Path]:
+def figure(s: pd.DataFrame, out_dir: Path, name: str = "randomisation", pal: dict | None = None) -> list[Path]:
     """Rows = setting × mode, columns = similarity measures; x = randomised unit (output down)."""
 
     def label(ax, key, metric, d):
@@ -52,7 +52,7 @@ def figure(s: pd.DataFrame, out_dir: Path, name: str = "randomisation") -> list[
         ax.set_xlabel("randomised unit (output → input)" if key[-1] == "cascading" else "randomised unit")
 
     metrics = [m for m in METRICS if m in set(s["metric"])]
-    return band_grid(s, [*SETTING, "mode"], metrics, "x", out_dir, name, label, width=4.2)
+    return band_grid(s, [*SETTING, "mode"], metrics, "x", out_dir, name, label, width=4.2, pal=pal)
 
 
 def table(s: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -77,7 +77,7 @@ def section(r: Report, rnd: pd.DataFrame, n_boot: int, seed: int) -> None:
     if s["mean"].notna().sum() == 0:
         r.skipped.append("randomisation figure: every randomisation row is NaN (see map_flag counts)")
         return
-    r.figures.append(Item("Model randomisation", figure(s, r.out_dir / "figures"),
+    r.figures.append(Item("Model randomisation", figure(s, r.out_dir / "figures", pal=r.palette),
                           "similarity between the original map and the map of the model with randomised units "
                           "(output head, blocks, stem), against the randomised unit, one curve per method, shaded 95% bootstrap CI "
                           "(Adebayo et al. 2018: passing methods fall towards 0)"))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clip_xai.report.stats import FAMILY
+from clip_xai.report.stats import CURVE_METRICS, FAMILY
 from clip_xai.schema import HIGHER_IS_BETTER
 
 FAITH_MEASURES = [("conf_drop", "drop ↓"), ("conf_incr", "incr ↑")]
@@ -177,9 +177,10 @@ def wilcoxon_md(tests: pd.DataFrame) -> str:
     fam = _family_columns(tests)
     for key, g in tests.groupby([*fam, "metric"], dropna=False, sort=True):
         *key, metric = key
+        hib = bool(g["higher_is_better"].iloc[0])
         t = g[["method_a", "method_b", "n", "mean_a", "mean_b", "p", "p_holm", "better", "significant"]].copy()
         t["significant"] = t["significant"].map({True: "yes", False: "no"})
-        parts.append(f"## {_family_title(fam, tuple(key))} · {metric} {ARROW[HIGHER_IS_BETTER[metric]]}\n\n{markdown(t)}")
+        parts.append(f"## {_family_title(fam, tuple(key))} · {metric} {ARROW[hib]}\n\n{markdown(t)}")
     return "Wilcoxon signed-rank on samples shared by both methods; p_holm is Holm-corrected within each " \
            "section (one metric under one study, dataset, model, map modality and condition); better = method " \
            "with the better mean (honouring the metric's direction).\n\n" + "\n".join(parts)
@@ -191,7 +192,7 @@ def ranks_md(ranks: pd.DataFrame) -> str:
     fam = [c for c in _family_columns(r) if c != "study"]
     for c in fam:
         r[c] = r[c].map(fmt_eps) if c == "eps" else r[c].astype(object).where(r[c].notna(), "–")
-    r["metric"] = [f"{m} {ARROW[HIGHER_IS_BETTER[m]]}" for m in r["metric"]]
+    r["metric"] = [f"{m} {ARROW[bool(h)]}" for m, h in zip(r["metric"], r["higher_is_better"])]
     parts = []
     for study, g in r.groupby("study", sort=True):
         rows = [c for c in fam if g[c].ne("–").any()]
@@ -207,7 +208,7 @@ def counts(df: pd.DataFrame) -> pd.DataFrame:
     """Per study × explainer: rows, rows with a NaN in a metric it reports, rows with map_flag set."""
     out = []
     for (study, expl), g in df.groupby(["study", "explainer"], sort=True):
-        metrics = [m for m in [*HIGHER_IS_BETTER, "road_morf", "road_lerf"] if m in g.columns and g[m].notna().any()]
+        metrics = [m for m in [*HIGHER_IS_BETTER, *CURVE_METRICS, "road_morf", "road_lerf"] if m in g.columns and g[m].notna().any()]
         flag = g["map_flag"].fillna("").astype(str) if "map_flag" in g.columns else pd.Series("", index=g.index)
         flags = flag[flag != ""].value_counts()
         out.append({"study": study, "explainer": expl, "runs": g["run_dir"].nunique(), "rows": len(g),
