@@ -139,25 +139,27 @@ def test_curve_headlines_per_variant() -> None:
 
 
 def test_localisation_table_carries_segmentation_metrics() -> None:
-    """The seg columns get a column each (clean maps); perturbed rows have no seg value, so NaN there."""
+    """The seg columns get a column each; under a perturbation the table reads their ``_pert`` values
+    (the localisation study fills them as for the other metrics), never the clean ones."""
     from clip_xai.report import localisation
     from clip_xai.schema import LOCALISATION_METRICS
 
+    base = [k for k in LOCALISATION_METRICS if k not in localisation.SEG_METRICS]
     parts = []
     for eps in (np.nan, 0.03):
         for m, miou in (("A", 0.4), ("B", 0.2)):
             r = rows("localisation", m, S, mask="entire_object", mask_area=0.3, perturbation="fgsm",
                      eps=eps, miou=miou + OFFSET, pixel_accuracy=0.8, mean_ap=0.7, sparseness=0.5, complexity=9.0,
-                     sparseness_pert=0.4, complexity_pert=9.0,
-                     **{k: 0.5 for k in LOCALISATION_METRICS}, **{f"{k}_pert": 0.4 for k in LOCALISATION_METRICS})
+                     sparseness_pert=0.4, complexity_pert=9.0, miou_pert=0.1, pixel_accuracy_pert=0.6, mean_ap_pert=0.5,
+                     **{k: 0.5 for k in base}, **{f"{k}_pert": 0.4 for k in base})
             parts.append(r)
     loc = pd.concat(parts, ignore_index=True)
     summary, md = localisation.summary_table(loc, n_boot=20, seed=0)
     s = summary.set_index(["condition", "method", "metric"])["mean"]
     assert s[("clean", "A", "miou")] == pytest.approx(0.4) and s[("clean", "B", "mean_ap")] == pytest.approx(0.7)
-    assert np.isnan(s[("fgsm", "A", "miou")])  # never the clean value under a perturbation
+    assert s[("fgsm", "A", "miou")] == pytest.approx(0.1)  # the perturbed map's value, never the clean one
     assert s[("fgsm", "A", "pointing_game")] == pytest.approx(0.4)
-    assert "mIoU ↑" in md and "Pixel accuracy ↑" in md and "mAP ↑" in md
+    assert "mIoU (per-image mean) ↑" in md and "Pixel accuracy ↑" in md and "mAP ↑" in md
 
 
 def test_curve_settings_that_differ_get_their_own_columns(monkeypatch) -> None:
