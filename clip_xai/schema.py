@@ -82,6 +82,19 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
     "map_flag", "caption_flag",
 ]
 
+# Deletion/insertion rows (Grad-ECLIP's protocol): one per sample. curve_variant = "deletion" or
+# "insertion", target = "gt" (the label's map) or "pred" (the clean top-1's map); curve_fraction =
+# share of the image's pixels changed at each evaluated point (deletion: 0.0 = the clean image
+# first; insertion: the clean image last at 1.0, where the reference stores it); curve_top1/5/10 =
+# 1/0 zero-shot top-k hits at those points (empty for a k outside study.topk or a flagged map);
+# auc_top* = trapezoid over the points at unit spacing / (points - 1). Directions: CURVE_HIGHER_IS_BETTER.
+DELETION_INSERTION_COLUMNS = ID_COLUMNS + [
+    "curve_variant", "target", "curve_fraction", "curve_top1", "curve_top5", "curve_top10",
+    "auc_top1", "auc_top5", "auc_top10",
+    "map_flag",  # "" or "constant_map" / "nan_map" (curves empty, AUCs NaN)
+    "caption_flag",
+]
+
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "", "precision": "", "unit": "",
@@ -107,6 +120,7 @@ CONDITION_KEYS = {
     "faithfulness": [],
     "localisation": ["mask", "perturbation", "eps"],
     "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
+    "deletion_insertion": ["curve_variant", "target"],
 }
 REPEAT_KEY = ["seed"]
 
@@ -132,6 +146,14 @@ HIGHER_IS_BETTER = {
     "mask_drop": True, "mask_drop_pert": True, "mask_flag": False, "mask_flag_pert": False,
     # randomisation: a map that passes the sanity check moves away from the original (towards 0)
     "rand_spearman": False, "rand_ssim": False, "rand_topk": False,
+}
+
+# Curve studies: variant (the rows' ``curve_variant``) -> {AUC column -> True when higher is better}.
+# Deletion: a faithful map removes the evidence first, so accuracy falls fast (low AUC); insertion:
+# it restores the evidence first (high AUC).
+CURVE_HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
+    "deletion": {"auc_top1": False, "auc_top5": False, "auc_top10": False},
+    "insertion": {"auc_top1": True, "auc_top5": True, "auc_top10": True},
 }
 
 # examples.npz arrays (n = study.save_examples, maps min-max normalised at image resolution):
