@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import CAPABILITIES, BlockRecord, ClipAdapter, Tower
+from clip_xai.models.base import CAPABILITIES, BlockRecord, ClipAdapter, Tower, input_size
 from clip_xai.types import TextTokens
 
 MODALITIES = ("image", "text")
@@ -153,10 +153,11 @@ class Explainer:
             seeds = torch.zeros(pixels.shape[0], dtype=torch.long)
         n = pixels.shape[0]
         step = self.cpu_micro_batch if pixels.device.type == "cpu" and self.cpu_micro_batch else n
-        if n <= step:
-            return fn(model, pixels, tokens, seeds).detach()
-        return torch.cat([fn(model, pixels[i : i + step], tokens.index(slice(i, i + step)),
-                             seeds[i : i + step]).detach() for i in range(0, n, step)])
+        with input_size(pixels):  # patch maps follow the input's grid (keep-size mode)
+            if n <= step:
+                return fn(model, pixels, tokens, seeds).detach()
+            return torch.cat([fn(model, pixels[i : i + step], tokens.index(slice(i, i + step)),
+                                 seeds[i : i + step]).detach() for i in range(0, n, step)])
 
     def explain(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor) -> Tensor:
         """The map of ``self.modality``. Methods whose code is the same for both modalities (it reads

@@ -19,6 +19,8 @@ record use ``F.scaled_dot_product_attention`` (fused kernels on GPU).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,23 +90,119 @@ def square_size(size, what: str = "image/patch size") -> int:
     return int(size[0])
 
 
+def keep_size_setting(value) -> bool:
+    """``model.keep_size`` as a bool; anything but true/false is refused before a model is built."""
+    if isinstance(value, bool):
+        return value
+    raise ClipXaiError(f"model.keep_size={value!r} is not true or false",
+                       "set model.keep_size=false (inputs at the model's size) or true (inputs at their own size)")
+
+
+def interpolate_positions(table: Tensor, n_prefix: int, grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """A ViT's learned positions (n_prefix + gh·gw, D) for a (nh, nw) patch grid: the prefix rows (class
+    token) unchanged; the patch rows, laid out row-major on their (gh, gw) grid, resized bicubically
+    (``align_corners=False``, no antialiasing) and flattened row-major again. This is Grad-ECLIP's
+    ``clip_encode_dense`` (Cyang-Zhao/Grad-Eclip, generate_emap.py) and transformers'
+    ``CLIPVisionEmbeddings.interpolate_pos_encoding``; open_clip's ``resize_pos_embed`` equals it with
+    ``antialias=False`` (its default ``True`` uses another kernel). The same grid returns ``table``."""
+    grid, new_grid = tuple(grid), tuple(new_grid)
+    if new_grid == grid:
+        return table
+    d = table.shape[-1]
+    patches = table[n_prefix:].reshape(1, *grid, d).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=new_grid, mode="bicubic", align_corners=False)
+    return torch.cat([table[:n_prefix], patches.reshape(d, -1).transpose(0, 1)], dim=0)
+
+
+_INPUT_SIZE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("clip_xai_input_size",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def input_size(pixels_or_hw):
+    """Inside, :meth:`ClipAdapter.patch_map` lays token scores out on the patch grid of pixels of
+    this H×W (a (B,3,H,W) tensor or an (H, W) pair) unless told otherwise. ``Explainer.__call__``
+    enters it around every batch, so each method's maps follow its input's grid in keep-size mode
+    without passing the pixels down."""
+    hw = pixels_or_hw.shape[-2:] if isinstance(pixels_or_hw, Tensor) else pixels_or_hw
+    token = _INPUT_SIZE.set((int(hw[0]), int(hw[1])))
+    try:
+        yield
+    finally:
+        _INPUT_SIZE.reset(token)
+
+
 class PixelInput:
     """Mixin of the vision towers (every backend): the [0,1]-pixel normalisation with the model's own
-    mean/std (``mean``/``std`` buffers, (1,3,1,1)) and the input-size check."""
+    mean/std (``mean``/``std`` buffers, (1,3,1,1)), the input-size check and, in keep-size mode, the
+    positions of any patch grid.
+
+    Fixed mode (``keep_size`` False): pixels must be ``image_size``×``image_size``. Keep-size mode: any
+    H×W whose sides are multiples of ``patch_size``; the learned positions are interpolated to the
+    input's patch grid (:func:`interpolate_positions`), as Grad-ECLIP's evaluation does. At the model's
+    own size both modes are the same computation.
+    """
 
     image_size: int
+    patch_size: int | None = None
+    keep_size: bool = False
 
-    def _set_pixels(self, image_size: int, mean: tuple, std: tuple) -> None:
+    def _set_pixels(self, image_size: int, mean: tuple, std: tuple, patch_size: int | None = None,
+                    keep_size: bool = False) -> None:
         self.image_size = image_size
+        self.patch_size = patch_size
+        self.keep_size = keep_size_setting(keep_size)
+        if self.keep_size and patch_size is None:
+            raise ClipXaiError("model.keep_size=true needs a ViT image tower (learned positions on a patch grid); "
+                               "this image tower has no patch grid",
+                               "set model.keep_size=false, or use a ViT CLIP (e.g. model=vit_b16)")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def normalise(self, pixels: Tensor) -> Tensor:
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        """The patch grid the learned positions were trained on (image_size / patch_size per side)."""
+        g = self.image_size // self.patch_size
+        return g, g
+
+    def check_size(self, hw) -> tuple[int, int]:
+        """(H, W) of an input this tower accepts, or one clear error naming the setting and the fix."""
+        h, w = int(hw[0]), int(hw[1])
+        if not self.keep_size:
+            if (h, w) != (self.image_size, self.image_size):
+                raise ClipXaiError(
+                    f"this model expects {self.image_size}×{self.image_size} pixels, got {(h, w)}",
+                    f"set model.image_size={self.image_size} (the dataset transform resizes to it)"
+                    + ("" if self.patch_size is None else
+                       ", or model.keep_size=true to run images at their own size (sides multiples of "
+                       f"{self.patch_size})"),
+                )
+            return h, w
+        p = self.patch_size
+        if h < p or w < p or h % p or w % p:
             raise ClipXaiError(
-                f"this model expects {self.image_size}×{self.image_size} pixels, got {tuple(pixels.shape[-2:])}",
-                f"set model.image_size={self.image_size} (the dataset transform resizes to it)",
+                f"model.keep_size=true needs each image side to be a positive multiple of the patch size {p}, "
+                f"got {h}×{w}",
+                "resize with clip_xai.models.preprocess.keep_size_pixels (each side rounded to the nearest "
+                "multiple of the patch size, as Grad-ECLIP's imgprocess_keepsize), or crop",
             )
+        return h, w
+
+    def grid_for(self, hw) -> tuple[int, int]:
+        """The patch grid (rows, cols) of an input of size ``hw`` = (H, W) (checked as :meth:`check_size`)."""
+        if self.patch_size is None:
+            raise ClipXaiError("this image tower has no patch grid (it is not a ViT)",
+                               "use a ViT CLIP for methods that return patch maps")
+        h, w = self.check_size(hw)
+        return h // self.patch_size, w // self.patch_size
+
+    def patch_positions(self, table: Tensor, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The learned position table (1 + gh·gw, D), cast to ``dtype`` and then (keep-size mode, another
+        grid) interpolated to ``grid``: the reference's order (cast, then interpolate)."""
+        return interpolate_positions(table.to(dtype), 1, self.native_grid, grid)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        self.check_size(pixels.shape[-2:])
         return (pixels - self.mean) / self.std
 
 
@@ -296,7 +394,9 @@ class ClipAdapter(nn.Module):
     """A dual-encoder (image, text) model behind one interface; inputs are [0,1] pixels.
 
     Attributes every explainer may use: ``vision``/``text`` towers, ``image_size``,
-    ``patch_size`` (None for an image tower without patches), ``grid`` (patch rows, cols), ``n_prefix`` (tokens before the patches: 1 = CLS),
+    ``patch_size`` (None for an image tower without patches), ``grid`` (patch rows, cols at
+    ``image_size``), :meth:`grid_for` (the grid of a given input), ``keep_size`` (the input mode, see
+    :class:`PixelInput`), ``n_prefix`` (tokens before the patches: 1 = CLS),
     ``mask_token_id`` (what the M2IB text protocol writes into dropped tokens), ``pad_id``,
     ``text_mask_rule`` (how the faithfulness text protocol drops tokens on this backend:
     ``mask_id`` = M2IB's rule for CLIP tokenisers, ``pad_attention`` = pad + attention mask).
@@ -314,12 +414,25 @@ class ClipAdapter(nn.Module):
     context_length: int
 
     @property
+    def keep_size(self) -> bool:
+        """The input mode (``model.keep_size``): True = images at their own size (see :class:`PixelInput`)."""
+        return bool(getattr(self.vision, "keep_size", False))
+
+    @property
     def grid(self) -> tuple[int, int]:
+        """The patch grid at the model's own size ``image_size`` (the grid of every input in fixed mode)."""
         if self.patch_size is None:
             raise ClipXaiError(f"model {self.name} has no patch grid (its image tower is not a ViT)",
                                "use a ViT CLIP for methods that return patch maps")
         g = self.image_size // self.patch_size
         return g, g
+
+    def grid_for(self, pixels_or_hw) -> tuple[int, int]:
+        """The patch grid (rows, cols) of an input: a (B,3,H,W) pixel tensor or an (H, W) pair. Equals
+        :attr:`grid` in fixed mode (other sizes are refused); follows the input in keep-size mode."""
+        self.grid  # noqa: B018  (one clear error for an image tower without patches)
+        hw = pixels_or_hw.shape[-2:] if isinstance(pixels_or_hw, Tensor) else pixels_or_hw
+        return self.vision.grid_for(hw)
 
     @property
     def device(self) -> torch.device:
@@ -351,7 +464,20 @@ class ClipAdapter(nn.Module):
         """Unit-norm text embeddings (B,E)."""
         return F.normalize(self.text(tokens, **run_kwargs)[0], dim=-1)
 
-    def patch_map(self, token_scores: Tensor) -> Tensor:
-        """(B, n_prefix + h·w) per-token scores → (B, h, w) patch grid (prefix tokens dropped)."""
-        h, w = self.grid
+    def patch_map(self, token_scores: Tensor, pixels=None) -> Tensor:
+        """(B, n_prefix + h·w) per-token scores → (B, h, w) patch grid (prefix tokens dropped).
+
+        The grid is that of ``pixels`` (a (B,3,H,W) tensor or an (H, W) pair) when given, else of the
+        size set by :func:`input_size` (``Explainer.__call__`` sets it), else :attr:`grid`.
+        """
+        size = pixels if pixels is not None else _INPUT_SIZE.get()
+        h, w = self.grid if size is None else self.grid_for(size)
+        n = token_scores.shape[1] - self.n_prefix
+        if n != h * w:
+            raise ClipXaiError(
+                f"{n} patch scores do not fill the {h}×{w} patch grid of model {self.name}"
+                + ("" if size is None else f" for {tuple(size.shape[-2:]) if isinstance(size, Tensor) else size} pixels"),
+                "pass the explained pixels (model.patch_map(scores, pixels)), or call the explainer as "
+                "explainer(model, pixels, tokens), which sets the input size",
+            )
         return token_scores[:, self.n_prefix :].reshape(-1, h, w)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, square_size
+from clip_xai.models.base import CAPABILITIES, BlockOps, ClipAdapter, PixelInput, Tower, keep_size_setting, square_size
 from clip_xai.models.preprocess import Preprocess
 from clip_xai.models.weights import ensure_reachable_weights
 from clip_xai.types import TextTokens
@@ -91,13 +91,13 @@ class OpenClipVision(PixelInput, Tower):
     stem_paths = ("visual.conv1", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre")
     head_paths = ("visual.attn_pool", "visual.ln_post", "visual.proj")
 
-    def __init__(self, visual: nn.Module, mean: tuple, std: tuple):
+    def __init__(self, visual: nn.Module, mean: tuple, std: tuple, keep_size: bool = False):
         super().__init__()
         self.visual = visual
         self.blocks = _blocks(visual.transformer, "vision")
         self.width = visual.transformer.width
-        self._set_pixels(square_size(visual.image_size, "image size"), mean, std)
-        self.patch_size = square_size(visual.patch_size, "patch size")
+        self._set_pixels(square_size(visual.image_size, "image size"), mean, std,
+                         square_size(visual.patch_size, "patch size"), keep_size)
         self.attn_pool = getattr(visual, "attn_pool", None)
         self.pool_type = visual.pool_type
         self.missing = {}
@@ -114,9 +114,11 @@ class OpenClipVision(PixelInput, Tower):
     def input_embedding(self, pixels: Tensor) -> tuple[Tensor, None]:
         v = self.visual
         x = v.conv1(self.normalise(pixels).to(v.conv1.weight.dtype))
+        grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype), None  # patch dropout: identity in eval
+        pos = self.patch_positions(v.positional_embedding, grid, x.dtype)
+        return torch.cat([cls, x], dim=1) + pos, None  # patch dropout: identity in eval
 
     def embedding_norm(self, e: Tensor) -> Tensor:
         return self.visual.ln_pre(e)
@@ -156,11 +158,15 @@ class OpaqueVision(PixelInput, Tower):
     ``encode_image`` (and every method that needs only it) works; ``missing`` lists the rest.
     """
 
-    def __init__(self, visual: nn.Module, image_size: int, mean: tuple, std: tuple, kind: str):
+    def __init__(self, visual: nn.Module, image_size: int, mean: tuple, std: tuple, kind: str,
+                 keep_size: bool = False):
         super().__init__()
         self.visual = visual
         self.blocks = []
         self.width = 0
+        if keep_size:
+            raise ClipXaiError(f"model.keep_size=true needs a ViT image tower with a patch grid; this model's image "
+                               f"tower is a {kind}", "set model.keep_size=false, or use a ViT CLIP (e.g. model=vit_b16)")
         self._set_pixels(image_size, mean, std)
         why = f"the image tower is a {kind}, run as one piece with no transformer blocks to open"
         self.missing = {cap: why for cap in CAPABILITIES}
@@ -281,14 +287,17 @@ class OpenClipAdapter(ClipAdapter):
     ``arch`` is an open_clip model name (``ViT-L-14-336``, ``ViT-B-16-quickgelu``) or the name of a
     JSON config in ``clip_xai/models/configs`` (``tiny``). ``pretrained`` is an open_clip tag
     (``openai``, ``laion2b_s32b_b82k``), a local checkpoint path, or None for RANDOM weights (then
-    ``seed`` makes them reproducible; such a model is never pretrained).
+    ``seed`` makes them reproducible; such a model is never pretrained). ``keep_size`` (``model.keep_size``)
+    lets the image tower take pixels of any size whose sides are multiples of the patch size, with the
+    learned positions interpolated to each input's grid (:class:`~clip_xai.models.base.PixelInput`).
     """
 
     def __init__(self, name: str, arch: str, pretrained: str | None = None, seed: int = 0,
-                 cache_dir: str | None = None, preprocess: dict | None = None):
+                 cache_dir: str | None = None, preprocess: dict | None = None, keep_size: bool = False):
         super().__init__()
         import open_clip
 
+        keep_size = keep_size_setting(keep_size)
         self.name = name
         _register_local_configs(arch)
         if arch not in open_clip.list_models():
@@ -322,11 +331,11 @@ class OpenClipAdapter(ClipAdapter):
                                                  else open_clip_preprocess(arch, pretrained))
         mean, std = self.preprocess.mean, self.preprocess.std
         if hasattr(model.visual, "transformer") and hasattr(model.visual, "conv1"):
-            self.vision = OpenClipVision(model.visual, mean, std)
+            self.vision = OpenClipVision(model.visual, mean, std, keep_size)
             self.patch_size = self.vision.patch_size
         else:
             kind = "timm trunk" if type(model.visual).__name__ == "TimmModel" else type(model.visual).__name__
-            self.vision = OpaqueVision(model.visual, size, mean, std, kind)
+            self.vision = OpaqueVision(model.visual, size, mean, std, kind, keep_size)
             self.patch_size = None
         self.image_size = self.vision.image_size
         self.text = OpenClipText(model)

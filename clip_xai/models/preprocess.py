@@ -14,6 +14,13 @@ Resize modes (as open_clip's eval transform): ``shortest`` = shorter side to ``s
 aspect ratio, then centre crop; ``squash`` = both sides to ``size`` (aspect ratio not kept);
 ``longest`` = longer side to ``size`` keeping the aspect ratio, then centre pad with
 ``fill_color``. Masks follow the same geometry with nearest-neighbour resizing.
+
+Keep-size input (``model.keep_size=true``; Grad-ECLIP's evaluation, Cyang-Zhao/Grad-Eclip
+``imagenet_eval_deletion.py`` / ``imagenet_eval_insertion.py`` and ``imgprocess_keepsize`` in
+``generate_emap.py``): :func:`cap_short_side` first (a shorter side above 640 px is scaled to 640,
+each side truncated to an integer, PIL bicubic), then :func:`keep_size_pixels` (each side to the
+nearest multiple of the patch size, halves rounded up, bicubic, no crop). Maps are then resized to
+the capped image's size, not to the rounded one (:func:`keep_size_shape` gives both).
 """
 from __future__ import annotations
 
@@ -108,3 +115,38 @@ class Preprocess:
         mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
         return (pixels - mean) / std
+
+
+#: Grad-ECLIP's evaluation caps the shorter image side at this many pixels before anything else.
+GE_MAX_SHORT_SIDE = 640
+
+
+def cap_short_side(img: Image.Image, max_short_side: int | None = GE_MAX_SHORT_SIDE) -> Image.Image:
+    """``img`` with its shorter side scaled down to ``max_short_side`` when it is longer (None: never),
+    as the Grad-ECLIP evaluation scripts do: scale = short / cap, each side ``int(side / scale)``
+    (truncated), PIL bicubic (``Image.resize``'s default filter for RGB since Pillow 7)."""
+    w, h = img.size
+    if max_short_side is None or min(w, h) <= max_short_side:
+        return img
+    scale = min(w, h) / max_short_side
+    return img.resize((int(w / scale), int(h / scale)), Image.BICUBIC)
+
+
+def keep_size_shape(h: int, w: int, patch_size: int) -> tuple[int, int]:
+    """(H, W) rounded to the nearest multiples of ``patch_size``, halves rounded up (``int(x/p + 0.5)·p``,
+    Grad-ECLIP's ``imgprocess_keepsize``); one clear error when a side would round to zero."""
+    nh, nw = (int(side / patch_size + 0.5) * patch_size for side in (h, w))
+    if nh == 0 or nw == 0:
+        raise ClipXaiError(f"a {h}×{w} image is smaller than half a {patch_size}-pixel patch on one side",
+                           f"use images with both sides at least {(patch_size + 1) // 2} pixels")
+    return nh, nw
+
+
+def keep_size_pixels(img: Image.Image, patch_size: int) -> Tensor:
+    """(3, H', W') [0,1] pixels of an RGB image resized (bicubic, antialiased as PIL does, no crop) so
+    each side is the nearest multiple of ``patch_size`` (:func:`keep_size_shape`): the geometry of
+    Grad-ECLIP's ``imgprocess_keepsize``; the tower normalises them. Apply :func:`cap_short_side`
+    first to follow the evaluation scripts."""
+    nh, nw = keep_size_shape(img.height, img.width, int(patch_size))
+    img = TF.resize(img.convert("RGB"), [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.pil_to_tensor(img).float().div_(255.0)
