@@ -8,8 +8,9 @@ in Cyang-Zhao/Grad-Eclip; METHODS.md §3.5; the pixel schedule is
    ``max_side``), its clean zero-shot prediction over the class names × templates
    (:class:`~clip_xai.models.zeroshot.ZeroShotHead`, on the model's own preprocessing of it);
 2. the map of ``prompt`` filled with the explained class (``target: gt`` = the label, ``pred`` =
-   the clean top-1), computed on the image at its own size (``map_size: own``, the model's keep-size
-   mode) or on the model's 224 crop (``224``), min-maxed then resized bilinearly to the image size;
+   the clean top-1), computed on the image at its own size (``map_size: own``: each side rounded to a
+   multiple of the patch size, the model built with ``model.keep_size=true``) or on the model's 224
+   crop (``224``), min-maxed then resized bilinearly to the image size;
    ``map_size: auto`` takes ``own`` for the methods listed in ``own_size_methods`` (the reference's
    eclip, gradcam, maskclip, selfattn) and ``224`` for the others (GAME, rollout, Surgery, M2IB);
 3. ``steps`` steps of ``max(1, int(area / (2·steps)))`` pixels in map order, deleted (random colours
@@ -27,7 +28,6 @@ non-finite map is flagged (``constant_map`` / ``nan_map``) and its curves are em
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +41,7 @@ from clip_xai.data.captions import check_policy
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
 from clip_xai.metrics.faithfulness import deletion_insertion as di
+from clip_xai.models.preprocess import cap_short_side, keep_size_pixels
 from clip_xai.schema import DELETION_INSERTION_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study
 
@@ -57,15 +58,6 @@ def raw_image(source) -> Image.Image:
     if isinstance(source, Tensor):
         source = (source.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return load_rgb(source)
-
-
-def keep_size_pixels(img: Image.Image, patch: int) -> Tensor:
-    """(3,H',W') [0,1] pixels with each side rounded to a multiple of ``patch`` (``int(s/p + 0.5)·p``),
-    bicubic, no crop: Grad-ECLIP's ``imgprocess_keepsize`` before its normalisation."""
-    w, h = img.size
-    nw, nh = int(w / patch + 0.5) * patch, int(h / patch + 0.5) * patch
-    resized = img.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else img
-    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 class DeletionInsertionStudy(Study):
@@ -131,11 +123,12 @@ class DeletionInsertionStudy(Study):
             self.check_data(ctx.dataset)
 
     def _check_keep_size(self, model, method: str) -> None:
-        if getattr(model, "patch_size", None) is None or not hasattr(model, "keep_size"):
+        if not getattr(model, "keep_size", False):
             raise ClipXaiError(
-                f"study.map_size=own (the reference's choice for {method}) needs a ViT adapter with the "
-                f"keep-size mode (positional embedding interpolated to the image's own grid); {model.name} has none",
-                "use a ViT model, or study.map_size=224 (maps on the 224 crop, resized: the shortcut)")
+                f"study.map_size=own (the reference's choice for {method}) needs the model in keep-size mode "
+                f"(positions interpolated to the image's own patch grid); model {model.name} was built without it",
+                "add model.keep_size=true (a ViT open_clip model), or study.map_size=224 (maps on the 224 crop, "
+                "resized to the image: the shortcut)")
 
     def check_data(self, dataset) -> None:
         from clip_xai.models.zeroshot import ZeroShotHead
@@ -185,7 +178,7 @@ class DeletionInsertionStudy(Study):
     def sample_curves(self, ctx: RunContext, source, label: int, seeds: Tensor, sample_id: str) -> tuple[dict, str]:
         """The curve and AUC columns of one sample, and its map flag."""
         model, device = ctx.model, ctx.device
-        img = di.cap_short_side(raw_image(source), self.max_side)
+        img = cap_short_side(raw_image(source), self.max_side)
         crop = ctx.dataset.preprocess.pixels(img)[None].to(device)
         clean_logits = self.head.image_logits(model, crop)
         explained = int(label) if self.target == "gt" else int(clean_logits.argmax(1))
@@ -224,8 +217,7 @@ class DeletionInsertionStudy(Study):
         pixels = keep_size_pixels(img, model.patch_size)[None].to(ctx.device) if own else crop
 
         def compute() -> Tensor:
-            with model.keep_size() if own else contextlib.nullcontext():
-                return explainer(model, pixels, tokens, seeds)
+            return explainer(model, pixels, tokens, seeds)
 
         with ctx.phases.phase("clean_maps"):
             raw = compute() if ctx.cache is None else ctx.cache.get_or_compute([sample_id], compute, ctx.device)
@@ -243,4 +235,4 @@ class DeletionInsertionStudy(Study):
         }}
 
 
-__all__ = ["DeletionInsertionStudy", "keep_size_pixels", "raw_image"]
+__all__ = ["DeletionInsertionStudy", "raw_image"]

@@ -2,7 +2,7 @@
 
 Followed from the reference scripts ``imagenet_eval_deletion.py`` / ``imagenet_eval_insertion.py``
 of Cyang-Zhao/Grad-Eclip (read, not copied). On the uint8 image at its own size (short side capped
-at ``max_side``, :func:`cap_short_side`), the pixels are visited in order of decreasing map value
+at ``max_side``, :func:`clip_xai.models.preprocess.cap_short_side`), the pixels are visited in order of decreasing map value
 (:func:`pixel_order`), ``pixels_per_step(area, steps)`` per step; deletion overwrites them with
 uniform random colours, insertion copies them onto a black canvas (:func:`curve_images`). Every
 ``eval_every`` steps the uint8 image is kept; the study re-preprocesses those images and scores
@@ -24,7 +24,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
@@ -49,16 +48,6 @@ def check_schedule(steps: int, eval_every: int) -> None:
     if steps % eval_every:
         raise ClipXaiError(f"study.eval_every={eval_every} does not divide study.steps={steps}: the last "
                            f"{steps % eval_every} step(s) would never be evaluated", fix)
-
-
-def cap_short_side(img: Image.Image, max_side: int | None) -> Image.Image:
-    """The reference's cap: an image whose short side exceeds ``max_side`` is resized (PIL bicubic,
-    ``Image.resize``'s default for RGB) to ``int(side / scale)`` per side, scale = short / max_side."""
-    w, h = img.size
-    if max_side is None or min(w, h) <= max_side:
-        return img
-    scale = min(w, h) / max_side
-    return img.resize((int(w / scale), int(h / scale)), Image.Resampling.BICUBIC)
 
 
 def pixel_order(heatmap: Tensor) -> Tensor:
@@ -134,5 +123,5 @@ def curve_auc(values: Sequence[float]) -> float:
     return float((y.sum() - 0.5 * (y[0] + y[-1])) / (y.size - 1))
 
 
-__all__ = ["MODES", "REPLACEMENTS", "TOPK", "cap_short_side", "check_schedule", "colour_generator", "curve_auc", "curve_images",
+__all__ = ["MODES", "REPLACEMENTS", "TOPK", "check_schedule", "colour_generator", "curve_auc", "curve_images",
            "pixel_order", "pixels_per_step", "topk_hits"]
