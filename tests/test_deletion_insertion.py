@@ -198,3 +198,18 @@ def test_entrypoint_rows(cli_run):
             assert row[f"auc_top{k}"] == pytest.approx(di.curve_auc(curve))
     assert summary["deletion_insertion"]["scored_against"] == "clean_pred"
     assert set(summary["means"]) == {"auc_top1", "auc_top5", "auc_top10"}
+
+
+def test_cache_shared_by_modes_not_by_targets(tmp_path):
+    from tests.helpers import compose_cfg
+    from clip_xai.studies.cache import cache_for, cache_key
+
+    def root(*over):
+        cfg = compose_cfg(["model=tiny", "study=deletion_insertion", f"output_root={tmp_path}", *over])
+        return cache_for(cfg, torch.device("cpu"), "deletion_insertion").root
+
+    assert root("study.mode=deletion") == root("study.mode=insertion")
+    assert root("study.target=gt") != root("study.target=pred")
+    assert root("study.map_size=own") != root("study.map_size=224")
+    sens = compose_cfg(["model=tiny", f"output_root={tmp_path}"])
+    assert cache_for(sens, torch.device("cpu"), "sensitivity").root.name == f"gradcam-{cache_key(sens, 'cpu')}"  # unchanged
