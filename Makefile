@@ -76,7 +76,8 @@ report: $(STAMP)
 
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
 # the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, and the methods of 2024-25
-# papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies.
+# papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies, and
+# Grad-ECLIP's deletion/insertion curves (eclip at the image's own size, game at 224) on 12 class names.
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
@@ -87,6 +88,9 @@ smoke: $(STAMP)
 	  explainer=legrad,gem,attnlrp study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_interactions model=tiny dataset.limit=2 logger=none \
 	  explainer=interactions explainer.steps=2 study=sensitivity,faithfulness
+	$(BIN)/python -m clip_xai -m name=smoke_deletion_insertion model=tiny model.keep_size=true dataset.limit=2 \
+	  logger=none explainer=eclip,game study=deletion_insertion study.mode=deletion,insertion study.target=pred \
+	  study.templates=simple 'study.classes=[cat,dog,bird,car,boat,plane,tree,house,person,flower,clock,cup]'
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)

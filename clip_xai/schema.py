@@ -90,6 +90,19 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
     "map_flag", "caption_flag",
 ]
 
+# Deletion/insertion rows (Grad-ECLIP's protocol): one per sample. curve_variant = "deletion" or
+# "insertion", target = "gt" (the label's map) or "pred" (the clean top-1's map); curve_fraction =
+# share of the image's pixels changed at each evaluated point (deletion: 0.0 = the clean image
+# first; insertion: the clean image last at 1.0, where the reference stores it); curve_top1/5/10 =
+# 1/0 zero-shot top-k hits at those points (empty for a k outside study.topk or a flagged map);
+# auc_top* = trapezoid over the points at unit spacing / (points - 1). Directions: CURVE_HIGHER_IS_BETTER.
+DELETION_INSERTION_COLUMNS = ID_COLUMNS + [
+    "curve_variant", "target", "curve_fraction", "curve_top1", "curve_top5", "curve_top10",
+    "auc_top1", "auc_top5", "auc_top10",
+    "map_flag",  # "" or "constant_map" / "nan_map" (curves empty, AUCs NaN)
+    "caption_flag",
+]
+
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "", "precision": "", "unit": "",
@@ -116,7 +129,6 @@ CONDITION_KEYS = {
     "faithfulness": [],
     "localisation": ["mask", "perturbation", "eps"],
     "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
-    # provisional (report branch; the lead reconciles with the curve studies' own schema at merge)
     "perturbation_curve": ["curve_variant", "target"],
     "deletion_insertion": ["curve_variant", "target"],
 }
@@ -150,12 +162,11 @@ HIGHER_IS_BETTER = {
 
 # Curve studies (perturbation_curve: Chefer et al. 2021 positive/negative perturbation;
 # deletion_insertion: Grad-ECLIP deletion/insertion): one row per sample with list<float64> columns
-# curve_fraction (point 0 = 0.0 = the clean image) and curve_<score> of the same length, and a
-# per-row AUC auc_<score>. Which AUC is better high depends on the curve's variant: removing the
-# most relevant pixels first (positive, deletion) should make the score fall fast (lower AUC is
-# better); removing the least relevant first (negative) or inserting the most relevant first
-# (insertion) should keep or raise it (higher is better). Provisional copy (report branch) of the
-# curve studies' mapping: curve_variant -> {auc column -> higher is better}.
+# curve_fraction and curve_<score> of the same length, and a per-row AUC auc_<score>.
+# Variant (the rows' ``curve_variant``) -> {AUC column -> True when higher is better}: removing the
+# most relevant pixels first (positive, deletion) should make the score fall fast (low AUC);
+# removing the least relevant first (negative) or inserting the most relevant first (insertion)
+# should keep or raise it (high AUC).
 CURVE_HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
     "positive": {"auc_hit": False},
     "negative": {"auc_hit": True},

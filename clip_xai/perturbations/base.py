@@ -27,6 +27,7 @@ from clip_xai.config import sample_seed
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import SampleRng, pixel_gradient
 from clip_xai.models.base import ClipAdapter
+from clip_xai.models.zeroshot import ZeroShotHead
 from clip_xai.types import TextTokens
 
 SPACES = ("pixel", "normalized")
@@ -107,7 +108,7 @@ class Perturbation:
         self.classes = classes if classes is None or classes == "auto" else [str(c) for c in classes]
         self.prompt = str(prompt)
         self._class_names: list[str] | None = None if self.classes == "auto" else self.classes
-        self._class_cache: tuple[int, Tensor] | None = None
+        self._head: ZeroShotHead | None = None
 
     @property
     def label(self) -> str:
@@ -138,18 +139,17 @@ class Perturbation:
         if self.classes == "auto":
             names = getattr(dataset, "classnames", None)
             self._class_names = list(names) if names and len(names) >= 2 else None
-        self._class_cache = None
+        self._head = None
 
     def class_embeddings(self, model: ClipAdapter) -> Tensor | None:
-        """(C,E) unit text embeddings of the class prompts (None without a class-prompt set), computed
-        once per model."""
+        """(C,E) unit class embeddings of the class prompts (None without a class-prompt set): the
+        weights of a :class:`~clip_xai.models.zeroshot.ZeroShotHead` with the one template ``prompt``,
+        cached per model by the head."""
         if self._class_names is None:
             return None
-        if self._class_cache is None or self._class_cache[0] != id(model):
-            with torch.no_grad():
-                emb = model.encode_text(model.tokenize([self.prompt.format(c) for c in self._class_names]))
-            self._class_cache = (id(model), emb.float())
-        return self._class_cache[1]
+        if self._head is None:
+            self._head = ZeroShotHead(self._class_names, [self.prompt])
+        return self._head.weights(model)
 
     def perturb(self, model: ClipAdapter, pixels: Tensor, tokens: TextTokens, seeds: Tensor,
                 masks: Tensor | None = None) -> Perturbed:

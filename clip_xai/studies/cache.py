@@ -91,10 +91,22 @@ def cache_key(cfg: DictConfig, device_type: str) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+# Studies whose jobs share clean maps -> their own settings that change the map (part of the key).
+# Localisation shares the sensitivity study's maps; deletion/insertion maps explain a class prompt
+# at a chosen geometry, shared by the deletion and insertion jobs of one target.
+CACHED_STUDIES = {
+    "sensitivity": (), "localisation": (),
+    "deletion_insertion": ("target", "max_side", "map_size", "own_size_methods", "classes", "templates", "prompt"),
+}
+
+
 def cache_for(cfg: DictConfig, device: torch.device, study: str) -> CleanMapCache | None:
     """The cache for this job, or None when disabled or useless (faithfulness and randomisation
-    compute each map once). Localisation shares the sensitivity study's clean maps."""
-    if not cfg.get("cache", True) or study not in ("sensitivity", "localisation"):
+    compute each map once)."""
+    if not cfg.get("cache", True) or study not in CACHED_STUDIES:
         return None
     key = cache_key(cfg, torch.device(device).type)
+    settings = {k: OmegaConf.to_container(cfg.study, resolve=True).get(k) for k in CACHED_STUDIES[study]}
+    if settings:  # a study's own map settings: hashed into the folder name (none: the shared folder)
+        key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return CleanMapCache(Path(cfg.output_root) / ".cache" / f"{cfg.explainer.name}-{key}")

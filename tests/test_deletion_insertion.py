@@ -1,0 +1,215 @@
+"""Deletion/insertion (Grad-ECLIP's protocol): pixel schedule, colours, known-answer curves, errors, entrypoint."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clip_xai.data.base import ImageCaptionDataset, Record
+from clip_xai.errors import ClipXaiError
+from clip_xai.metrics.faithfulness import deletion_insertion as di
+from clip_xai.schema import CURVE_HIGHER_IS_BETTER, DELETION_INSERTION_COLUMNS, RUN_COLUMNS
+from clip_xai.studies.base import RunContext
+from clip_xai.studies.deletion_insertion import DeletionInsertionStudy
+from tests.helpers import run_cli
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# -- schedule -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", di.MODES)
+def test_changed_pixels_follow_the_reference_formula(mode):
+    h, w, steps, every = 37, 53, 20, 4
+    white = torch.full((h, w, 3), 255, dtype=torch.uint8)  # random colours are < 255: every change shows
+    order = torch.from_numpy(np.random.default_rng(1).permutation(h * w))
+    imgs, counts = di.curve_images(white, order, mode, steps, every, di.colour_generator(3))
+    per = max(1, int(h * w / (2 * steps)))  # the reference's pixel_once
+    assert per == di.pixels_per_step(h * w, steps) == 49
+    assert counts == [s * per for s in range(every, steps + 1, every)]
+    for img, n in zip(imgs, counts):
+        changed = (img != 255).any(-1) if mode == "deletion" else (img != 0).any(-1)
+        assert int(changed.sum()) == n
+        assert set(changed.flatten().nonzero().flatten().tolist()) == set(order[:n].tolist())  # map order
+
+
+def test_full_schedule_insertion_gives_back_the_image_and_ties_follow_numpy():
+    img = _image(4, 5)  # area 20, 20 steps: max(1, int(20 / 40)) = 1 pixel per step, every pixel by the end
+    heat = torch.tensor(np.random.default_rng(2).integers(0, 3, (4, 5)), dtype=torch.float32)  # many ties
+    order = di.pixel_order(heat)
+    assert order.tolist() == np.argsort(-heat.numpy().reshape(-1)).tolist()
+    imgs, counts = di.curve_images(img, order, "insertion", 20, 20)
+    assert counts == [20] and torch.equal(imgs[-1], img)
+
+
+def test_deletion_colours_are_the_reference_draws_and_reproducible():
+    img, steps, every = _image(20, 30), 10, 5
+    order = torch.from_numpy(np.random.default_rng(4).permutation(600))
+    a, _ = di.curve_images(img, order, "deletion", steps, every, di.colour_generator(7))
+    b, _ = di.curve_images(img, order, "deletion", steps, every, di.colour_generator(7))
+    c, _ = di.curve_images(img, order, "deletion", steps, every, di.colour_generator(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # independent: the reference's global-RNG draws, seeded, written into a numpy uint8 array
+    torch.manual_seed(7)
+    ref = img.numpy().copy().reshape(-1, 3)
+    per = max(1, int(600 / (2 * steps)))
+    for step in range(1, steps + 1):
+        ref[order[(step - 1) * per: step * per].numpy()] = (torch.rand(per, 3) * 255.0).numpy()  # numpy's cast truncates
+    assert np.array_equal(a[-1].numpy().reshape(-1, 3), ref)
+    written = a[-1].reshape(-1, 3)[order[: per * steps]]
+    assert int(written.max()) <= 254  # floor(U[0,1) * 255): 255 never drawn
+    assert torch.equal(a[-1].reshape(-1, 3)[order[per * steps:]], img.reshape(-1, 3)[order[per * steps:]])
+
+
+def test_auc_is_the_unit_spaced_trapezoid():
+    assert di.curve_auc([1, 0]) == 0.5
+    assert di.curve_auc([1, 1, 0, 0]) == pytest.approx(np.trapezoid([1, 1, 0, 0], dx=1 / 3))
+    assert np.isnan(di.curve_auc([1]))
+
+
+# -- known answer: class evidence in one region ---------------------------------------------------
+REGION = (slice(0, 16), slice(0, 32))  # top-left eighth of a 64×64 image: pure red
+CLASSES = [f"c{i}" for i in range(12)]
+
+
+class RedHead:
+    """Zero-shot head stand-in: class 0's logit is the redness of REGION in the 224 crop; the other
+    classes have fixed logits just below a fully red region, so class 0 drops to last once it fades."""
+
+    class_names, templates = tuple(CLASSES), ("{}",)
+
+    def image_logits(self, model, pixels):
+        px = pixels[:, :, : 56, : 112]  # REGION in the 224 crop of a 64×64 image
+        red = (px[:, 0] - (px[:, 1] + px[:, 2]) / 2).mean((1, 2))
+        rest = torch.linspace(0.9, 0.5, len(CLASSES) - 1).expand(len(pixels), -1)
+        return torch.cat([red[:, None], rest], 1)
+
+
+class FixedMap:
+    name, modality = "fixed", "image"
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __call__(self, model, pixels, tokens, seeds):
+        return self.grid[None].clone()
+
+    def check_requirements(self, model):
+        pass
+
+    def check_model(self, model):
+        pass
+
+
+def _red_image() -> np.ndarray:
+    img = np.full((64, 64, 3), 128, dtype=np.uint8)
+    img[REGION] = (255, 0, 0)
+    return img
+
+
+@pytest.fixture(scope="module")
+def red_setup():
+    img = _red_image()
+    ds = ImageCaptionDataset([Record("red", img, "c0", label=0)], classnames=CLASSES)
+    model = SimpleNamespace(name="fake", patch_size=8, tokenize=lambda caps: SimpleNamespace(to=lambda d: None))
+    region = torch.zeros(8, 8)
+    region[:2, :4] = 1.0
+    return img, ds, model, region
+
+
+def _curves(red_setup, mode, grid):
+    img, ds, model, _ = red_setup
+    study = DeletionInsertionStudy(mode=mode, map_size="224", steps=100, eval_every=10, templates="simple")
+    study.check_data(ds)
+    study.head = RedHead()
+    ctx = RunContext(run_dir=None, device=torch.device("cpu"), model=model, dataset=ds, explainer=FixedMap(grid),
+                     metrics=None, ids={})
+    out, flag = study.sample_curves(ctx, img, 0, torch.tensor([5]), "red")
+    assert flag == ""
+    return out
+
+
+@pytest.mark.parametrize("mode", di.MODES)
+def test_map_on_the_evidence_beats_its_negation(red_setup, mode):
+    region = red_setup[3]
+    on, off = _curves(red_setup, mode, region), _curves(red_setup, mode, 1 - region)
+    clean = 0 if mode == "deletion" else -1
+    for out in (on, off):
+        assert len(out["curve_top1"]) == len(out["curve_fraction"]) == 11
+        assert [out[f"curve_top{k}"][clean] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]  # the clean image's hits
+        assert out["curve_fraction"][clean] == (0.0 if mode == "deletion" else 1.0)
+    for k in (1, 5, 10):
+        better = CURVE_HIGHER_IS_BETTER[mode][f"auc_top{k}"]
+        assert (on[f"auc_top{k}"] > off[f"auc_top{k}"]) == better, (k, on, off)
+    if mode == "deletion":  # the region (1/8 of the image) is gone after 30 % of the steps
+        assert on["curve_top1"][4:] == [0.0] * 7 and off["curve_top1"] == [1.0] * 11
+    else:  # the negation never inserts the region within half the image: only the clean point hits
+        assert off["curve_top1"] == [0.0] * 10 + [1.0] and on["curve_top1"][4:] == [1.0] * 7
+
+
+# -- bad input: one clear error before any work ---------------------------------------------------
+def test_bad_settings_and_data():
+    with pytest.raises(ClipXaiError, match="does not divide"):
+        DeletionInsertionStudy(steps=100, eval_every=30)
+    with pytest.raises(ClipXaiError, match="integer steps"):
+        DeletionInsertionStudy(steps=0)
+    with pytest.raises(ClipXaiError, match="insertion always"):
+        DeletionInsertionStudy(mode="insertion", replacement="black")
+    no_names = ImageCaptionDataset([Record("a", _red_image(), "x", label=0)])
+    with pytest.raises(ClipXaiError, match="has none"):
+        DeletionInsertionStudy(templates="simple").check_data(no_names)
+    unlabelled = ImageCaptionDataset([Record("a", _red_image(), "x")], classnames=CLASSES)
+    with pytest.raises(ClipXaiError, match="target=gt needs a class label"):
+        DeletionInsertionStudy(templates="simple").check_data(unlabelled)
+    DeletionInsertionStudy(target="pred", templates="simple").check_data(unlabelled)  # scored against the clean top-1
+    with pytest.raises(ClipXaiError, match="top-10 of 3 classes"):
+        DeletionInsertionStudy(target="pred", classes=["a", "b", "c"], templates="simple").check_data(unlabelled)
+
+
+# -- one real run -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("di")
+    args = ["name=di", "model=tiny", "dataset.limit=2", "logger=none", "explainer=gradcam", f"output_root={out}",
+            "study=deletion_insertion", "study.mode=insertion", "study.target=pred", "study.map_size=224",
+            "study.steps=20", "study.templates=simple", f"study.classes=[{','.join(CLASSES)}]", "save_examples=0"]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next(out.glob("di/*/"))
+    return pd.read_parquet(run_dir / "results.parquet"), json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_entrypoint_rows(cli_run):
+    df, summary = cli_run
+    assert list(df.columns) == DELETION_INSERTION_COLUMNS + [c for c in RUN_COLUMNS if c not in DELETION_INSERTION_COLUMNS]
+    assert len(df) == 2 and set(df.curve_variant) == {"insertion"} and set(df.target) == {"pred"}
+    for _, row in df.iterrows():
+        frac = list(row.curve_fraction)
+        assert len(frac) == 3 and frac[-1] == 1.0 and frac[0] < frac[1] <= 0.5
+        for k in (1, 5, 10):
+            curve = list(row[f"curve_top{k}"])
+            assert len(curve) == 3 and set(curve) <= {0.0, 1.0} and curve[-1] == 1.0  # scored against the clean top-1
+            assert row[f"auc_top{k}"] == pytest.approx(di.curve_auc(curve))
+    assert summary["deletion_insertion"]["scored_against"] == "clean_pred"
+    assert set(summary["means"]) == {"auc_top1", "auc_top5", "auc_top10"}
+
+
+def test_cache_shared_by_modes_not_by_targets(tmp_path):
+    from tests.helpers import compose_cfg
+    from clip_xai.studies.cache import cache_for, cache_key
+
+    def root(*over):
+        cfg = compose_cfg(["model=tiny", "study=deletion_insertion", f"output_root={tmp_path}", *over])
+        return cache_for(cfg, torch.device("cpu"), "deletion_insertion").root
+
+    assert root("study.mode=deletion") == root("study.mode=insertion")
+    assert root("study.target=gt") != root("study.target=pred")
+    assert root("study.map_size=own") != root("study.map_size=224")
+    sens = compose_cfg(["model=tiny", f"output_root={tmp_path}"])
+    assert cache_for(sens, torch.device("cpu"), "sensitivity").root.name == f"gradcam-{cache_key(sens, 'cpu')}"  # unchanged
