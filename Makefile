@@ -76,7 +76,8 @@ report: $(STAMP)
 
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
 # the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, and the methods of 2024-25
-# papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies.
+# papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies, and
+# the positive/negative perturbation curves (both directions) with a three-class zero-shot head.
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
@@ -87,6 +88,9 @@ smoke: $(STAMP)
 	  explainer=legrad,gem,attnlrp study=sensitivity,faithfulness
 	$(BIN)/python -m clip_xai -m name=smoke_interactions model=tiny dataset.limit=2 logger=none \
 	  explainer=interactions explainer.steps=2 study=sensitivity,faithfulness
+	$(BIN)/python -m clip_xai -m name=smoke_curves model=tiny dataset.limit=2 logger=none study=perturbation_curve \
+	  'study.classes=[cat,dog,coffee]' study.target=pred study.against=pred \
+	  explainer=gradcam,legrad study.direction=positive,negative
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)

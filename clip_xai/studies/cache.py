@@ -67,8 +67,9 @@ def cache_key(cfg: DictConfig, device_type: str) -> str:
 
 def cache_for(cfg: DictConfig, device: torch.device, study: str) -> CleanMapCache | None:
     """The cache for this job, or None when disabled or useless (faithfulness and randomisation
-    compute each map once). Localisation shares the sensitivity study's clean maps."""
-    if not cfg.get("cache", True) or study not in ("sensitivity", "localisation"):
+    compute each map once). Localisation shares the sensitivity study's clean maps; the
+    perturbation-curve study narrows it to its class prompts (both directions share them)."""
+    if not cfg.get("cache", True) or study not in ("sensitivity", "localisation", "perturbation_curve"):
         return None
     key = cache_key(cfg, torch.device(device).type)
     return CleanMapCache(Path(cfg.output_root) / ".cache" / f"{cfg.explainer.name}-{key}")
