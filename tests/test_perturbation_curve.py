@@ -176,6 +176,7 @@ def test_bad_data_is_one_clear_error_before_the_model(kwargs, data, match):
     ({"prompt": "a photo"}, "prompt"),
     ({"classes": ["one"]}, "class set"),
     ({"close_at_one": "maybe"}, "close_at_one"),
+    ({"logit_scale": -1}, "logit_scale"),
 ])
 def test_bad_settings_are_one_clear_error(kwargs, match):
     with pytest.raises(ClipXaiError, match=match):

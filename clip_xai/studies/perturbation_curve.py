@@ -69,7 +69,9 @@ class PerturbationCurveStudy(Study):
         self.against = _choice("against", against, LABELS)
         self.ties = _choice("ties", ties, TIES)
         self.steps = None if steps is None else [float(s) for s in steps]
-        removal_counts(self.scale, 224 * 224 if self.scale == "per" else 10 ** 9, self.steps)  # shape of the list
+        # the steps' own shape (non-empty, increasing, fractions ≤ 1 for ``per``) now; the pixel counts
+        # against the dataset's image size in check_data
+        removal_counts(self.scale, 224 * 224 if self.scale == "per" else 10 ** 9, self.steps)
         if "{}" not in str(prompt):
             raise ClipXaiError(f"study.prompt={prompt!r} has no {{}} for the class name",
                                "use e.g. study.prompt='a photo of a {}'")
@@ -83,6 +85,7 @@ class PerturbationCurveStudy(Study):
         if templates != "auto":
             resolve_templates(templates)  # unknown set name, a template without {}: one clear error now
         self.templates = templates if isinstance(templates, str) else [str(t) for t in templates]
+        ZeroShotHead(["a", "b"], [SIMPLE_TEMPLATE], logit_scale=logit_scale)  # 100, a positive number or "model"
         self.logit_scale = logit_scale
         if str(close_at_one) not in ("auto", "True", "False", "true", "false"):
             raise ClipXaiError(f"study.close_at_one={close_at_one!r} is not auto, true or false",
