@@ -625,6 +625,11 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
                       sample_ids, seed, labels=labels, classnames=names)
 
 
+def _with_eps(params: dict, eps) -> dict:
+    """A perturbation's settings with ``eps`` set, unless it is None (then the yaml's value stands)."""
+    return dict(params) if eps is None else {**params, "eps": eps}
+
+
 class _Labelled:
     """What a study's ``check_data`` reads of a dataset (class names, labels, image size), before
     any image is decoded."""
