@@ -77,7 +77,8 @@ report: $(STAMP)
 # CPU smoke runs of every method through the real entrypoint on the tiny model:
 # the 9 thesis methods x 4 eps (sensitivity), the 5 ABM-paper methods, and the methods of 2024-25
 # papers (LeGrad, GEM, AttnLRP, second-order interactions with 2 path points) in both studies, and
-# Grad-ECLIP's deletion/insertion curves (eclip at the image's own size, game at 224) on 12 class names.
+# Grad-ECLIP's deletion/insertion curves (eclip at the image's own size, game at 224) on 12 class names, and
+# the positive/negative perturbation curves (both directions) with a three-class zero-shot head.
 smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_thesis model=tiny dataset.limit=2 logger=none \
 	  explainer=gradcam,game,eclip,selfattn,rollout,surgery,rise,m2ib,maskclip \
@@ -91,6 +92,9 @@ smoke: $(STAMP)
 	$(BIN)/python -m clip_xai -m name=smoke_deletion_insertion model=tiny model.keep_size=true dataset.limit=2 \
 	  logger=none explainer=eclip,game study=deletion_insertion study.mode=deletion,insertion study.target=pred \
 	  study.templates=simple 'study.classes=[cat,dog,bird,car,boat,plane,tree,house,person,flower,clock,cup]'
+	$(BIN)/python -m clip_xai -m name=smoke_curves model=tiny dataset.limit=2 logger=none study=perturbation_curve \
+	  'study.classes=[cat,dog,coffee]' study.target=pred study.against=pred \
+	  explainer=gradcam,legrad study.direction=positive,negative
 
 # The documentation site (mkdocs-material, API pages from the docstrings): broken links fail it.
 docs: $(STAMP)

@@ -1,14 +1,16 @@
 """clip_xai: sensitivity and faithfulness benchmark for saliency methods on CLIP-family models.
 
 The Python API (:mod:`clip_xai.api`) is importable from here: ``clip_xai.load_model``,
-``explain``, ``perturb``, ``sensitivity``, ``faithfulness``, ``show`` and ``TokenScores``. They
+``explain``, ``perturb``, ``sensitivity``, ``faithfulness``, ``faithfulness_curves``, ``show`` and
+``TokenScores``. They
 are loaded on first use, so ``import clip_xai`` stays cheap (no torch, no Hydra).
 """
 from clip_xai.errors import ClipXaiError
 
 __version__ = "0.1.0"
 
-_API = ("load_model", "explain", "perturb", "sensitivity", "faithfulness", "show", "TokenScores")
+_API = ("load_model", "explain", "perturb", "sensitivity", "faithfulness", "faithfulness_curves", "show",
+        "TokenScores")
 __all__ = ["ClipXaiError", *_API]
 
 

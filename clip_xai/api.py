@@ -8,15 +8,18 @@ maps = clip_xai.explain(model, ["cat.jpg"], ["a photo of a cat"], method="eclip"
 fig = clip_xai.show(["cat.jpg"], maps, ["a photo of a cat"])
 rows = clip_xai.sensitivity(model, ["cat.jpg"], ["a photo of a cat"],
                             method="eclip", eps=[4 / 255, 8 / 255])
+curves = clip_xai.faithfulness_curves(model, ["cat.jpg"], labels=[0], class_names=["cat", "dog"],
+                                      method="eclip", direction="positive")
 ```
 
 Every default comes from the yaml files the command line composes (``conf/``, through Hydra's
 compose API) and every object is built by the same code (`clip_xai.config.build`), so a call
 here and ``python -m clip_xai`` with the same settings give the same numbers. A setting is passed
 as a keyword: ``explain(..., method="rise", n_masks=500)`` is ``explainer=rise
-explainer.n_masks=500``. [`sensitivity`][clip_xai.api.sensitivity] and
-[`faithfulness`][clip_xai.api.faithfulness] run the studies' own loops over the given images, so
-their rows are the rows ``results.parquet`` would hold.
+explainer.n_masks=500``. [`sensitivity`][clip_xai.api.sensitivity],
+[`faithfulness`][clip_xai.api.faithfulness] and [`faithfulness_curves`][clip_xai.api.faithfulness_curves]
+run the studies' own loops over the given images, so their rows are the rows ``results.parquet``
+would hold.
 
 Images are PIL images or image file paths (resized and centre-cropped to the model's input size
 exactly as the datasets do), or one (B,3,H,W) float tensor with values in [0,1] (resized to the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import io
 import logging
@@ -70,7 +74,12 @@ ImageLike = Union[Image.Image, str, Path]
 #: What the calls take as ``images``: one image, a list of them, or a (B,3,H,W) float tensor in [0,1].
 Images = Union[ImageLike, Sequence[ImageLike], Tensor]
 
-__all__ = ["TokenScores", "load_model", "explain", "perturb", "sensitivity", "faithfulness", "show"]
+__all__ = ["TokenScores", "load_model", "explain", "perturb", "sensitivity", "faithfulness", "faithfulness_curves",
+           "show"]
+
+#: The curve protocols :func:`faithfulness_curves` runs: each is a ``study=`` option of the same name
+#: whose rows hold one curve per sample (list columns) and its AUCs.
+CURVE_PROTOCOLS = ("perturbation_curve",)
 
 # Keys of a config option that a keyword may not set: the class, and the name the rows carry.
 _FIXED_KEYS = ("_target_", "name")
@@ -541,14 +550,101 @@ def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str],
     return _run_study(model, images, texts, "faithfulness", method, None, settings, [None], sample_ids, seed)
 
 
+def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int] | None = None,
+                        method: str = "eclip", *, class_names: Sequence[str] | str,
+                        protocol: str = "perturbation_curve", direction: str | None = None,
+                        study_params: dict | None = None, sample_ids: Sequence[str] | None = None,
+                        seed: int | None = None, **params: Any) -> pd.DataFrame:
+    """Run a faithfulness-curve protocol on these images through a zero-shot classifier head.
+
+    ``protocol="perturbation_curve"``: positive/negative perturbation (Chefer et al. 2021): the
+    map's top (``direction="positive"``) or bottom (``"negative"``) 10%…90% of the pixels are set to
+    black and the image is classified again by the zero-shot head over ``class_names``. The rows
+    are those of ``python -m clip_xai study=perturbation_curve`` (``dataset`` is ``memory``): one
+    per image, the curves as list columns and their AUCs
+    (`clip_xai.schema.PERTURBATION_CURVE_COLUMNS`; see the Studies page).
+
+    Args:
+        model: A model from [`load_model`][clip_xai.api.load_model].
+        images: As in [`explain`][clip_xai.api.explain].
+        labels: One class index (into ``class_names``) per image, or None when no setting needs
+            the ground truth (``study_params={"target": "pred", "against": "pred"}``).
+        method: Any ``explainer=`` option with image maps.
+        class_names: The zero-shot head's classes: a list of names, or ``"imagenet"`` (OpenAI's
+            1,000 ImageNet names).
+        protocol: Which curve study runs: one of `clip_xai.api.CURVE_PROTOCOLS` (the ``study=``
+            option of that name).
+        direction: ``"positive"`` or ``"negative"`` (``study.direction``); None takes the yaml's.
+        study_params: The protocol's other settings (``study.*``, see
+            ``conf/study/<protocol>.yaml``), e.g. ``{"target": "gt", "templates": "openai"}``.
+        sample_ids: As in [`faithfulness`][clip_xai.api.faithfulness].
+        seed: The run's seed (the command line's ``seed=``); None takes the yaml's (0).
+        **params: The method's settings, as in [`explain`][clip_xai.api.explain].
+
+    Returns:
+        One row per image; ``df.attrs["summaries"]`` holds the run's ``summary.json``.
+
+    Raises:
+        ClipXaiError: As [`explain`][clip_xai.api.explain]; also an unknown protocol, class names
+            that are not a list of at least two names, labels of the wrong number or range, a
+            setting that needs labels without them, and every bad study setting, all before any
+            image is decoded.
+    """
+    if protocol not in CURVE_PROTOCOLS:
+        raise ClipXaiError(f"unknown curve protocol {protocol!r}", f"use one of: {', '.join(CURVE_PROTOCOLS)}")
+    if isinstance(class_names, str):
+        if class_names != "imagenet":
+            raise ClipXaiError(f"class_names={class_names!r} is not a list of names",
+                               "pass a list of class names, or 'imagenet' for OpenAI's 1,000 ImageNet names")
+        from clip_xai.models.zeroshot import imagenet_classnames
+
+        class_names = imagenet_classnames()
+    if not isinstance(class_names, (list, tuple)) or len(class_names) < 2:
+        raise ClipXaiError(f"class_names must be a list of at least two names, got {class_names!r}",
+                           "pass e.g. class_names=['cat', 'dog'], or 'imagenet'")
+    names = [str(c) for c in class_names]
+    study = dict(study_params or {})
+    for key in ("classes", "direction"):
+        if key in study:
+            raise ClipXaiError(f"study_params holds {key!r}",
+                               f"pass it as faithfulness_curves(..., {'class_names' if key == 'classes' else key}=...)")
+    study["classes"] = names
+    if direction is not None:
+        study["direction"] = direction
+    n = len(_image_list(images))
+    if labels is not None:
+        labels = [labels] if isinstance(labels, (int, np.integer)) else labels
+        ok = (isinstance(labels, (list, tuple, np.ndarray, Tensor)) and len(labels) == n
+              and all(not isinstance(v, bool) and float(v) == int(v) for v in labels))
+        if not ok or any(not 0 <= int(v) < len(names) for v in labels):
+            raise ClipXaiError(f"labels must be {n} class indices in [0, {len(names)}), one per image, got {labels!r}",
+                               "pass one index into class_names per image, or labels=None with target/against=pred")
+        labels = [int(v) for v in labels]
+    texts = [names[v] for v in labels] if labels is not None else [""] * n
+    return _run_study(model, images, texts, protocol, method, None, {"explainer": params, "study": study}, [None],
+                      sample_ids, seed, labels=labels, classnames=names)
+
+
 def _with_eps(params: dict, eps) -> dict:
     """A perturbation's settings with ``eps`` set, unless it is None (then the yaml's value stands)."""
     return dict(params) if eps is None else {**params, "eps": eps}
 
 
+class _Labelled:
+    """What a study's ``check_data`` reads of a dataset (class names, labels, image size), before
+    any image is decoded."""
+
+    def __init__(self, classnames, labels, n: int, image_size: int):
+        self.classnames = classnames
+        self.records = [Record(str(i), None, "", -1 if labels is None else labels[i]) for i in range(n)]
+        self.image_size = image_size
+
+
 def _run_study(model, images, texts, study_name: str, method: str, perturbation: str | None,
-               settings: dict, epsilons: list, sample_ids, seed) -> pd.DataFrame:
-    """Build the study's parts from the composed config and run its loop once per ε in a temp dir."""
+               settings: dict, epsilons: list, sample_ids, seed, labels: list[int] | None = None,
+               classnames: list[str] | None = None) -> pd.DataFrame:
+    """Build the study's parts from the composed config and run its loop once per ε in a temp dir.
+    ``labels``/``classnames`` give the images class labels (curve studies)."""
     from clip_xai.studies.base import RunContext
     from clip_xai.studies.cache import CleanMapCache
 
@@ -570,10 +666,16 @@ def _run_study(model, images, texts, study_name: str, method: str, perturbation:
                           perturbation=perturbation, cache=cache,
                           on_long_caption=str(cfg.dataset.get("on_long_caption", "skip")))
 
+    if classnames is not None:  # class names and labels checked before any image is read
+        study.check_data(_Labelled(classnames, labels, len(texts), int(model.image_size)))
     for pert in perturbations:
         study.check(context(None, None, pert, None))  # the study's own start-up checks, before any image is read
     inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
     dataset = PixelDataset(inp.pixels, inp.texts, inp.ids)
+    if classnames is not None:
+        dataset.classnames = list(classnames)
+        if labels is not None:
+            dataset.records = [dataclasses.replace(r, label=int(v)) for r, v in zip(dataset.records, labels)]
     study.check_data(dataset)
     frames, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="clip_xai_api_") as tmp:

@@ -103,6 +103,26 @@ DELETION_INSERTION_COLUMNS = ID_COLUMNS + [
     "caption_flag",
 ]
 
+# Perturbation-curve rows (Chefer et al. 2021 positive/negative perturbation on a zero-shot head;
+# clip_xai.metrics.faithfulness.perturbation_curve): one per sample. curve_variant "positive" (most
+# relevant pixels removed first) or "negative" (least relevant first); target "gt" / "pred" (the class
+# whose prompt the map explains: the label's or the clean zero-shot top-1); curve_params (JSON of
+# every other setting that changes the measurement: scale, steps, ties, the label hits are counted
+# against, class and template set, prompt, logit scale, AUC rule, wrong_only). curve_fraction is the
+# share of the input's pixels removed at each point (point 0 = 0.0 = the clean image); curve_hit
+# (1/0: top-1 == label), curve_prob_diff / curve_logit_diff (top-1 probability / logit minus the clean
+# image's), curve_log_odds (log p_label / p_second) at each point (list<float64>, same length).
+# auc_* = trapezoid area over curve_fraction ([0,1] units; the paper prints ×100); auc_hit also takes
+# the authors' closing point (1.0, 0.0) when curve_params.close_at_one is true (the default for
+# scale=per). map_flag: "" or "constant_image" / "nan_image" (curves NaN), "filtered_correct"
+# (wrong_only: the clean image is classified correctly, no curve), "bad_image", ...
+CURVE_COLUMNS = ["curve_fraction", "curve_hit", "curve_prob_diff", "curve_logit_diff", "curve_log_odds"]
+PERTURBATION_CURVE_AUCS = ["auc_hit", "auc_prob_diff", "auc_logit_diff", "auc_log_odds"]
+PERTURBATION_CURVE_COLUMNS = ID_COLUMNS + [
+    "curve_variant", "target", "curve_params", *CURVE_COLUMNS, *PERTURBATION_CURVE_AUCS,
+    "map_flag", "caption_flag",
+]
+
 # Columns added after the first release, with the value older results.parquet files imply.
 OPTIONAL_COLUMNS = {
     "caption_flag": "", "perturbation_params": "", "precision": "", "unit": "",
@@ -129,7 +149,7 @@ CONDITION_KEYS = {
     "faithfulness": [],
     "localisation": ["mask", "perturbation", "eps"],
     "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
-    "perturbation_curve": ["curve_variant", "target"],
+    "perturbation_curve": ["curve_variant", "target", "curve_params"],
     "deletion_insertion": ["curve_variant", "target"],
 }
 REPEAT_KEY = ["seed"]
@@ -168,8 +188,8 @@ HIGHER_IS_BETTER = {
 # removing the least relevant first (negative) or inserting the most relevant first (insertion)
 # should keep or raise it (high AUC).
 CURVE_HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
-    "positive": {"auc_hit": False},
-    "negative": {"auc_hit": True},
+    "positive": {c: False for c in PERTURBATION_CURVE_AUCS},
+    "negative": {c: True for c in PERTURBATION_CURVE_AUCS},
     "deletion": {"auc_top1": False, "auc_top5": False, "auc_top10": False},
     "insertion": {"auc_top1": True, "auc_top5": True, "auc_top10": True},
 }

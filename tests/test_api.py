@@ -62,7 +62,8 @@ def test_import_is_cheap_and_exports_the_api():
     code = "import sys, clip_xai; print('torch' in sys.modules, 'hydra' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
-    for name in ("load_model", "explain", "perturb", "sensitivity", "faithfulness", "show", "TokenScores"):
+    for name in ("load_model", "explain", "perturb", "sensitivity", "faithfulness", "faithfulness_curves", "show",
+                 "TokenScores"):
         assert getattr(clip_xai, name) is getattr(api, name)
         assert name in dir(clip_xai)
     assert clip_xai.ClipXaiError is ClipXaiError

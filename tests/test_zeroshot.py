@@ -15,15 +15,15 @@ TEMPLATES = ["a photo of a {}.", "a drawing of the {}", "{}"]
 
 
 def hand_weights(model, classes, templates) -> np.ndarray:
-    """One prompt per forward, averaged and renormalised in float64."""
-    rows = []
-    for c in classes:
-        with torch.no_grad():
-            e = np.stack([model.encode_text(model.tokenize([t.format(c)]))[0].double().numpy() for t in templates])
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        m = e.mean(0)
-        rows.append(m / np.linalg.norm(m))
-    return np.stack(rows)
+    """Every prompt's embedding (one forward, template-major order), averaged per class and
+    renormalised in float64 numpy."""
+    prompts = [t.format(c) for t in templates for c in classes]
+    with torch.no_grad():
+        e = model.encode_text(model.tokenize(prompts)).double().numpy()
+    e = e.reshape(len(templates), len(classes), -1)
+    e /= np.linalg.norm(e, axis=2, keepdims=True)
+    m = e.mean(0)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,23 @@ def head():
     return ZeroShotHead(CLASSES, TEMPLATES)
 
 
-def test_weights_equal_the_hand_computation(tiny, head):
+@pytest.fixture(scope="module")
+def hand(tiny):
+    return hand_weights(tiny, CLASSES, TEMPLATES)
+
+
+def test_weights_equal_the_hand_computation(tiny, head, hand):
     w = head.weights(tiny)
-    assert w.shape == (3, tiny.encode_text(tiny.tokenize(["x"])).shape[1]) and w.dtype == torch.float32
-    np.testing.assert_allclose(w.double().numpy(), hand_weights(tiny, CLASSES, TEMPLATES), atol=2e-6)
+    assert w.shape == hand.shape and w.dtype == torch.float32
+    np.testing.assert_allclose(w.double().numpy(), hand, atol=2e-6)
 
 
-def test_logits_and_predict_equal_the_hand_computation(tiny, head, sample_images):
+def test_logits_and_predict_equal_the_hand_computation(tiny, head, hand, sample_images):
     pixels = sample_images[0][:2]
     with torch.no_grad():
         img = tiny.vision(pixels)[0].double().numpy()  # unnormalised on purpose: logits normalise it
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    expect = 100.0 * img @ hand_weights(tiny, CLASSES, TEMPLATES).T
+    expect = 100.0 * img @ hand.T
     got = head.image_logits(tiny, pixels)
     np.testing.assert_allclose(got.double().numpy(), expect, atol=1e-3)
     assert torch.equal(head.predict(tiny, pixels), got.argmax(1))

@@ -92,10 +92,11 @@ def cache_key(cfg: DictConfig, device_type: str) -> str:
 
 
 # Studies whose jobs share clean maps -> their own settings that change the map (part of the key).
-# Localisation shares the sensitivity study's maps; deletion/insertion maps explain a class prompt
-# at a chosen geometry, shared by the deletion and insertion jobs of one target.
+# Localisation shares the sensitivity study's maps; the curve studies' maps explain a class prompt
+# (deletion/insertion also at a chosen geometry), shared by the two directions or modes of one target.
 CACHED_STUDIES = {
     "sensitivity": (), "localisation": (),
+    "perturbation_curve": ("target", "classes", "templates", "prompt", "logit_scale"),
     "deletion_insertion": ("target", "max_side", "map_size", "own_size_methods", "classes", "templates", "prompt"),
 }
 
