@@ -185,8 +185,9 @@ def test_bad_settings_are_one_clear_error(kwargs, match):
 
 def test_schema_entries():
     assert CONDITION_KEYS["perturbation_curve"][:2] == ["curve_variant", "target"]
-    assert set(CURVE_HIGHER_IS_BETTER) == {"positive", "negative"}
-    assert all(c in PERTURBATION_CURVE_COLUMNS for v in CURVE_HIGHER_IS_BETTER.values() for c in v)
+    assert {"positive", "negative"} <= set(CURVE_HIGHER_IS_BETTER)
+    assert all(c in PERTURBATION_CURVE_COLUMNS for k in ("positive", "negative") for c in CURVE_HIGHER_IS_BETTER[k])
+    assert not any(CURVE_HIGHER_IS_BETTER["positive"].values()) and all(CURVE_HIGHER_IS_BETTER["negative"].values())
 
 
 def test_experiment_resolves():

@@ -36,6 +36,8 @@ def curve_rows(expl: str, study: str, variant: str, target: str, slope: float, s
         row = {"sample_id": f"s{i:02d}", "caption": "a photo", "label": i % 3, "dataset": "imagenet", "model": model,
                "explainer": expl, "modality": "image", "study": study, "seed": 0, "curve_variant": variant,
                "target": target, "curve_fraction": list(fr), "precision": "fp32", "map_flag": ""}
+        if study == "perturbation_curve":
+            row["curve_params"] = "{}"  # the study's JSON of its other settings (a condition column)
         for k, sc in enumerate(scores):
             curve = c * (1.0 - 0.1 * k)
             row[f"curve_{sc}"] = list(curve)
@@ -123,10 +125,12 @@ def test_auc_table_intervals_directions_and_hand_value(frame: pd.DataFrame) -> N
     assert (r["lo"], r["hi"]) == pytest.approx(stats.bootstrap_ci(g["auc_hit"].to_numpy(), n_boot=N_BOOT, seed=1)[1:])
     assert r["lo"] < r["mean"] < r["hi"] and r["n"] == N
     dirs = auc.drop_duplicates(["curve_variant", "metric"]).set_index(["curve_variant", "metric"])["higher_is_better"]
-    assert dirs[("positive", "auc_hit")] is False and dirs[("negative", "auc_hit")] is True
-    assert dirs[("positive", "auc_prob_diff")] is None  # not in CURVE_HIGHER_IS_BETTER: shown, never ranked
+    assert not dirs[("positive", "auc_hit")] and dirs[("negative", "auc_hit")]
+    assert not dirs[("positive", "auc_prob_diff")] and dirs[("negative", "auc_prob_diff")]  # schema.CURVE_HIGHER_IS_BETTER
     md = curves.auc_md(auc)
-    assert "auc_prob_diff (direction unknown)" in md
+    unknown = curves.auc_md(auc.assign(higher_is_better=auc["higher_is_better"].astype(object).where(
+        auc["metric"] != "auc_prob_diff", None)))  # a score the schema gives no direction: shown, never ranked
+    assert "auc_prob_diff (direction unknown)" in unknown and "auc_prob_diff (direction unknown)" not in md
     sections = {s.split(" · ")[1]: s for s in md.split("\n## ")[1:]}
     m = auc[auc["metric"] == "auc_hit"].set_index(["curve_variant", "method"])["mean"]
     # gradcam's map is the faithful one: its positive AUC is the lower (↓ wins), its negative AUC the higher (↑ wins)
@@ -142,7 +146,8 @@ def test_auc_paired_tests_honour_the_variant(frame: pd.DataFrame) -> None:
     assert pc.loc["negative", "better"] == "gradcam" and pc.loc["negative", "higher_is_better"]
     assert pc.loc["positive", "mean_diff"] < 0 < pc.loc["negative", "mean_diff"]  # a = gradcam, b = rollout
     assert set(tests["metric"]) >= {"auc_hit", "auc_top1"}
-    assert "auc_prob_diff" not in set(tests["metric"])
+    # every AUC the schema gives a direction is tested (auc_prob_diff: lower is better for positive)
+    assert set(tests["metric"]) == {"auc_hit", "auc_prob_diff", "auc_top1"}
     di = tests[(tests["study"] == "deletion_insertion") & (tests["metric"] == "auc_top1")]
     assert len(di) == 4  # deletion/insertion × gt/pred: never pooled
     assert set(di.loc[di["curve_variant"] == "deletion", "better"]) == {"eclip"}
