@@ -92,7 +92,7 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 
 # Deletion/insertion rows (Grad-ECLIP's protocol): one per sample. curve_variant = "deletion" or
 # "insertion", target = "gt" (the label's map) or "pred" (the clean top-1's map); curve_fraction =
-# share of the image's pixels changed at each evaluated point (deletion: 0.0 = the clean image
+# the schedule's nominal share of the image's pixels changed at each evaluated point (deletion: 0.0 = the clean image
 # first; insertion: the clean image last at 1.0, where the reference stores it); curve_top1/5/10 =
 # 1/0 zero-shot top-k hits at those points (empty for a k outside study.topk or a flagged map);
 # auc_top* = trapezoid over the points at unit spacing / (points - 1). Directions: CURVE_HIGHER_IS_BETTER.

@@ -20,7 +20,9 @@ in Cyang-Zhao/Grad-Eclip; METHODS.md §3.5; the pixel schedule is
    top-1, said in the summary's ``scored_against``).
 
 Rows (:data:`clip_xai.schema.DELETION_INSERTION_COLUMNS`): one per sample, the curve as lists.
-``curve_fraction`` is the share of the image's pixels changed at each point: deletion
+``curve_fraction`` is the schedule's nominal share of the image's pixels changed at each point
+(``j·eval_every/(2·steps)``, the same for every image so curves pool; the changed count, ``int(area/(2·steps))``
+per step, is below it by under one pixel per step): deletion
 ``[0, f₁, …, f_P]`` with the clean image first; insertion ``[f₁, …, f_P, 1]`` with the clean image last
 (every pixel inserted), where the reference stores it (``top1[-1:]``); ``auc_*`` =
 :func:`~clip_xai.metrics.faithfulness.deletion_insertion.curve_auc` of each curve. A constant or
@@ -193,8 +195,10 @@ class DeletionInsertionStudy(Study):
                                             gen, self.replacement)
             pixels = torch.stack([ctx.dataset.preprocess.pixels(Image.fromarray(s.numpy())) for s in steps]).to(device)
             logits = self.head.image_logits(model, pixels)
-        area = image.shape[0] * image.shape[1]
-        fractions = [c / area for c in counts]
+        # the schedule's nominal share (eval point j: j·eval_every/(2·steps)), the same for every image so
+        # that curves of images of different sizes pool; the changed count is int(area/(2·steps)) per step,
+        # below the nominal share by under one pixel per step
+        fractions = [(j + 1) * self.eval_every / (2 * self.steps) for j in range(len(counts))]
         if self.mode == "deletion":
             logits, fractions = torch.cat([clean_logits, logits]), [0.0, *fractions]
         else:
