@@ -21,6 +21,7 @@ import pandas as pd
 from clip_xai.errors import ClipXaiError
 from clip_xai.report import figures, stats, tables
 from clip_xai.report.bands import band_grid
+from clip_xai.report.collect import random_weight_models
 from clip_xai.report.contents import Item, Report
 from clip_xai.schema import CONDITION_KEYS
 
@@ -163,8 +164,9 @@ def auc_md(auc: pd.DataFrame) -> str:
             "(higher AUC ↑). Paired Wilcoxon tests of the AUCs: the `wilcoxon` table.\n\n" + "\n".join(parts))
 
 
-def figure(s: pd.DataFrame, out_dir: Path, name: str, pal: dict | None = None) -> list[Path]:
-    """Rows = scores, columns = variant × target: mean score against the fraction per method, 95% CI bands."""
+def figure(s: pd.DataFrame, out_dir: Path, name: str, pal: dict | None = None, note: str = "") -> list[Path]:
+    """Rows = scores, columns = variant × target: mean score against the fraction per method, 95% CI bands;
+    ``note`` ends every panel title (e.g. "random weights")."""
     d = s.assign(metric=s["curve_variant"].astype(str) + " · target=" + s["target"].astype(str))
     for c in [c for c in condition(s)[3:] if s[c].nunique() > 1]:  # e.g. two step settings: numbered panels
         codes = {v: i + 1 for i, v in enumerate(sorted(s[c].astype(str).unique()))}
@@ -174,7 +176,7 @@ def figure(s: pd.DataFrame, out_dir: Path, name: str, pal: dict | None = None) -
     def label(ax, key, panel, _d) -> None:
         inserted = panel.startswith("insertion")
         ax.set(xlabel="fraction inserted" if inserted else "fraction removed", ylabel=f"mean {key[0]}",
-               title=panel)
+               title=panel + (f" · {note}" if note else ""))
 
     return band_grid(d, ["score"], panels, "fraction", out_dir, name, label, pal=pal)
 
@@ -182,6 +184,7 @@ def figure(s: pd.DataFrame, out_dir: Path, name: str, pal: dict | None = None) -
 def section(r: Report, rows: pd.DataFrame, n_boot: int, seed: int) -> None:
     """Add each curve study's figures (per setting), curve table and AUC table to report ``r``."""
     figdir, tabdir = r.out_dir / "figures", r.out_dir / "tables"
+    random_models = set(random_weight_models(rows))
     for study, g in rows.groupby("study", sort=True):
         s = summary(g, n_boot, seed)
         if s["mean"].notna().sum() == 0:
@@ -190,7 +193,9 @@ def section(r: Report, rows: pd.DataFrame, n_boot: int, seed: int) -> None:
         settings = list(s.groupby(SETTING, sort=True))
         for setting, ss in settings:
             name = f"curves_{study}" if len(settings) == 1 else f"curves_{study}_{figures.slug(*setting)}"
-            r.figures.append(Item(f"{study} curves ({' · '.join(map(str, setting))})", figure(ss, figdir, name, r.palette),
+            note = "random weights" if setting[SETTING.index("model")] in random_models else ""
+            r.figures.append(Item(f"{study} curves ({' · '.join(map(str, setting))}{', ' + note if note else ''})",
+                                  figure(ss, figdir, name, r.palette, note),
                                   "mean score against the removed/inserted fraction per method (point 0 = the "
                                   "clean image), shaded 95% bootstrap CI over samples; one panel per variant × "
                                   "target, one row per score"))
