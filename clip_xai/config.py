@@ -96,10 +96,10 @@ def resolve_precision(device: torch.device, precision: str, announce: bool = Fal
                       model: str | None = None, table_dir: str | Path | None = None) -> str:
     """The precision a run uses: ``reference`` becomes fp16 on CUDA and strict fp32 elsewhere (with a
     visible note when ``announce``); ``auto`` becomes the precision that the bench's agreement table
-    for (``model``, this device) chose for ``method`` (:mod:`clip_xai.precision_table`; strict fp32
+    for (``model``, this device) chose for ``method`` (:mod:`clip_xai.perf.precision_table`; strict fp32
     without a table); other values are checked and returned unchanged."""
     if precision == "auto":
-        from clip_xai.precision_table import DEFAULT_DIR, lookup
+        from clip_xai.perf.precision_table import DEFAULT_DIR, lookup
 
         if method is None or model is None:
             raise ClipXaiError("precision=auto needs the method and the model to look up",
@@ -129,7 +129,7 @@ def check_precision(device: torch.device, precision: str) -> None:
     if precision in ("fp16", "tf32") and device.type != "cuda":
         raise ClipXaiError(f"precision={precision} needs a CUDA device", "use precision=fp32 or bf16 on CPU")
     if precision == "fp8":
-        from clip_xai.fp8 import check_fp8
+        from clip_xai.models.fp8 import check_fp8
 
         check_fp8(device)
 
@@ -141,7 +141,7 @@ def precision_scope(device: torch.device, precision: str):
     fp32: strict float32 (TF32 tensor-core maths off for matmuls and cuDNN convs, although PyTorch
     allows it for convs by default). tf32: float32 tensors, matmuls/convs on TF32 tensor cores
     (10-bit mantissa inputs, float32 accumulation). bf16/fp16: autocast, float32 outside it.
-    fp8: bf16 autocast, and the no-grad linears in float8 (:mod:`clip_xai.fp8`).
+    fp8: bf16 autocast, and the no-grad linears in float8 (:mod:`clip_xai.models.fp8`).
     reference: see :func:`resolve_precision`. ``auto`` must be resolved before (it needs the method).
     """
     if precision == "auto":
@@ -156,7 +156,7 @@ def precision_scope(device: torch.device, precision: str):
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype is not None))
             if precision == "fp8":
-                from clip_xai.fp8 import Fp8Linears
+                from clip_xai.models.fp8 import Fp8Linears
 
                 stack.enter_context(Fp8Linears(device.type))
             yield

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_xai import bench
+from clip_xai.perf import bench
 from clip_xai.errors import ClipXaiError
-from clip_xai.peaks import count_flops
+from clip_xai.perf.peaks import count_flops
 
 
 def test_bench_table_projection_and_overrides(tmp_path, monkeypatch):

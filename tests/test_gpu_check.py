@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_xai import gpu_check, perf_tables
+from clip_xai.perf import gpu_check, tables
 from tests.helpers import REPO
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -18,7 +18,7 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPAT
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "clip_xai.gpu_check", "--out", str(tmp_path / "gc")], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--out", str(tmp_path / "gc")], cwd=REPO,
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in res.stderr
     assert not (tmp_path / "gc").exists()
@@ -70,7 +70,7 @@ def test_a_step_out_of_time_is_recorded_not_fatal(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
     out = tmp_path / "gc"
-    res = subprocess.run([sys.executable, "-m", "clip_xai.gpu_check", "--dry", "--out", str(out), "--limit-scale=3"],
+    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--dry", "--out", str(out), "--limit-scale=3"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=9000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     steps = pd.read_csv(out / "steps.csv")
@@ -95,18 +95,18 @@ def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
     assert "DRY RUN" in report and "## 5. Thesis sweep" in report and "not written" not in report
 
     doc = tmp_path / "performance.md"
-    assert perf_tables.main([str(out), "--doc", str(doc)]) == 0 and "Projected full thesis sweep" in doc.read_text()
+    assert tables.main([str(out), "--doc", str(doc)]) == 0 and "Projected full thesis sweep" in doc.read_text()
 
 DRY_CSVS = REPO / "tests" / "data" / "gpu_check_dry"  # a dry run's CSVs (CPU, tiny model, 2026-12-06)
 
 
 def test_doc_tables_from_the_dry_run_csvs(tmp_path):
     doc = tmp_path / "performance.md"
-    doc.write_text(f"# Performance\n\nintro\n\n{perf_tables.BEGIN}\nSTALE TABLE\n{perf_tables.END}\n\nafter\n")
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0
+    doc.write_text(f"# Performance\n\nintro\n\n{tables.BEGIN}\nSTALE TABLE\n{tables.END}\n\nafter\n")
+    assert tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "STALE TABLE" not in text and text.startswith("# Performance\n\nintro") and text.endswith("after\n")
-    between = text.split(perf_tables.BEGIN)[1].split(perf_tables.END)[0]
+    between = text.split(tables.BEGIN)[1].split(tables.END)[0]
     bench = pd.read_csv(DRY_CSVS / "bench.csv")
     rise_fp32 = bench[(bench.explainer == "rise") & (bench.precision == "fp32")].images_per_s_at_defaults.max()
     row = next(ln for ln in between.splitlines() if ln.startswith("| rise "))
@@ -115,9 +115,9 @@ def test_doc_tables_from_the_dry_run_csvs(tmp_path):
                   "RISE compiled vs eager", "PGD, map-attack", "Projected full thesis sweep"):
         assert title in between, title
     assert "DRY RUN" in between and "torch 2.14.1" in between and "driver none" in between
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
+    assert tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
     bare = tmp_path / "bare.md"
     bare.write_text("# Performance\n")
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(bare)]) == 0
-    assert bare.read_text().count(perf_tables.BEGIN) == 1 and "## Measured by the GPU check" in bare.read_text()
-    assert perf_tables.main([str(tmp_path / "nothing"), "--doc", str(bare)]) == 2
+    assert tables.main([str(DRY_CSVS), "--doc", str(bare)]) == 0
+    assert bare.read_text().count(tables.BEGIN) == 1 and "## Measured by the GPU check" in bare.read_text()
+    assert tables.main([str(tmp_path / "nothing"), "--doc", str(bare)]) == 2

@@ -23,7 +23,7 @@ from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captio
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import EXAMPLES_FILE, RUN_COLUMNS
 from clip_xai.sinks.results import ResultsWriter
-from clip_xai.timing import PhaseTimer
+from clip_xai.perf.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
-"""One prepared GPU check: ``make gpu-check`` (``python -m clip_xai.gpu_check``), about 8 minutes on one H100.
+"""One prepared GPU check: ``make gpu-check`` (``python -m clip_xai.perf.gpu_check``), about 8 minutes on one H100.
 
 Steps, each in its own process with its own time limit (:data:`STEPS`); a step that fails or runs
 out of time is recorded in the report and the next one runs:
 
 1. ``cuda_tests``: ``tests/test_cuda.py`` (CUDA maps equal the CPU's, every precision end to end).
-2. ``bench``: the quick bench (:mod:`clip_xai.bench`) of every explainer at fp32, tf32, bf16,
+2. ``bench``: the quick bench (:mod:`clip_xai.perf.bench`) of every explainer at fp32, tf32, bf16,
    ``reference`` (fp16) and, where the GPU has FP8 tensor cores, fp8; the per-method map agreement
    of each lower precision with fp32, and the ``precision=auto`` table written from it.
 3. ``rise_compile``: RISE compiled against eager (the same maps? images/s of each) and the
@@ -20,7 +20,7 @@ out of time is recorded in the report and the next one runs:
 Writes ``<out>/report.md`` and CSVs (``steps.csv``, ``cuda_tests.csv``, ``bench.csv``,
 ``agreement.csv``, ``rise_compile.csv``, ``rows.csv``, ``sweep_phases.csv``, ``projection.csv``);
 every CSV row carries the device, driver, torch version, date and precision it was measured with.
-:mod:`clip_xai.perf_tables` turns them into the documentation's tables.
+:mod:`clip_xai.perf.tables` turns them into the documentation's tables.
 
 Without a CUDA GPU it stops at once with one line (exit code 2). ``--dry`` (``make gpu-check
 DRY=1``) runs every step on the tiny model on the CPU with tiny sizes and writes the same report
@@ -123,7 +123,7 @@ def step_cuda_tests(out: Path, sizes: Sizes) -> None:
     pytest gets a few seconds less than the step, so the tests finished by then are still recorded."""
     import re
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     limit = int(STEPS["cuda_tests"][1 if sizes.dry else 0] * sizes.limit_scale) - 8
     args = [sys.executable, "-m", "pytest", str(repo / "tests" / "test_cuda.py"), "-vv", "-p", "no:cacheprovider"]
     try:
@@ -156,7 +156,7 @@ def _precision_refusal(device: torch.device, precision: str) -> str | None:
 
 def step_bench(out: Path, sizes: Sizes) -> None:
     """The quick bench at every precision (refused ones recorded), the agreement table, the auto table."""
-    from clip_xai.bench import run_bench
+    from clip_xai.perf.bench import run_bench
     from clip_xai.config import resolve_precision
     from clip_xai.paths import CONF_DIR
 
@@ -188,7 +188,7 @@ def step_bench(out: Path, sizes: Sizes) -> None:
 
 
 def _rise_maps(rise, model, pixels, tokens, seeds, device, repeats: int) -> tuple[torch.Tensor, float]:
-    from clip_xai.timing import median_time
+    from clip_xai.perf.timing import median_time
 
     maps = rise(model, pixels, tokens, seeds).float()
     sec = median_time(lambda: rise(model, pixels, tokens, seeds), device, repeats, slow=1e9)
@@ -197,7 +197,7 @@ def _rise_maps(rise, model, pixels, tokens, seeds, device, repeats: int) -> tupl
 
 def step_rise_compile(out: Path, sizes: Sizes) -> None:
     """Compiled vs eager RISE (maps, images/s) in bf16, then chunk auto vs half and double of it."""
-    from clip_xai.bench import _inputs, compose
+    from clip_xai.perf.bench import _inputs, compose
     from clip_xai.config import build, precision_scope
     from clip_xai.explainers.rise import RISE
     from clip_xai.metrics.sensitivity import spearman
@@ -237,7 +237,7 @@ def step_rise_compile(out: Path, sizes: Sizes) -> None:
 
 def step_rows(out: Path, sizes: Sizes) -> None:
     """PGD and map-attack rows on the bench model; the thesis methods on the large model (bf16)."""
-    from clip_xai.bench import THESIS_METHODS, run_bench
+    from clip_xai.perf.bench import THESIS_METHODS, run_bench
 
     device = _device(sizes)
     prov = provenance(device)
@@ -280,8 +280,8 @@ def write_synthetic_rival10(root: Path, n: int, size: int = 224, seed: int = 0) 
 def _sweep_groups(sizes: Sizes, device: torch.device, precision: str) -> list[tuple[list[str], int, list[str]]]:
     """(methods, images, extra overrides) per multirun: the fast methods together on the full image
     count, each slow one (bench rate under SLOW_RATE) alone on fewer images (dry: quick knobs)."""
-    from clip_xai.bench import THESIS_METHODS, _explainer_cfg, quick_overrides
-    from clip_xai.projection import MEASURED, rate_key
+    from clip_xai.perf.bench import THESIS_METHODS, _explainer_cfg, quick_overrides
+    from clip_xai.perf.projection import MEASURED, rate_key
 
     key = rate_key(device, precision)
     rates = MEASURED[key][1] if key else {}
@@ -303,7 +303,7 @@ def step_sweep(out: Path, sizes: Sizes) -> None:
     prov = provenance(device)
     precision = resolve_precision(device, "reference")  # the experiment's own setting
     data = write_synthetic_rival10(out / "sweep" / "data", sizes.sweep_images)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            **({"OMP_NUM_THREADS": "1"} if sizes.dry else {})}
     rows = []
@@ -398,7 +398,7 @@ def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
     limit = int(STEPS[name][1 if dry else 0] * limit_scale)
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "clip_xai.gpu_check", "--step", name, "--out", str(out),
+    args = [sys.executable, "-m", "clip_xai.perf.gpu_check", "--step", name, "--out", str(out),
             f"--limit-scale={limit_scale}"] + (["--dry"] if dry else [])
     start = time.perf_counter()
     with log.open("w") as f:  # its own process group, so a timeout also ends what the step started
