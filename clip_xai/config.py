@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.seeds import sample_seed  # noqa: F401  (re-exported: config.sample_seed keeps working)
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,6 @@ def precision_scope(device: torch.device, precision: str):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A per-sample seed from the global seed and the sample id (stable across batchings)."""
-    return int(hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 # Top-level settings: name -> (check, what a valid value is). Each check takes the composed value.
