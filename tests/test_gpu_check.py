@@ -17,11 +17,18 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPAT
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--out", str(tmp_path / "gc")], cwd=REPO,
-                         env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in res.stderr
+def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path, capsys):
+    """In this process: ``python -m clip_xai.perf.gpu_check`` is ``sys.exit(main())``."""
+    assert gpu_check.main(["--out", str(tmp_path / "gc")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
     assert not (tmp_path / "gc").exists()
+
+
+def test_one_process_is_refused_outside_the_dry_run(tmp_path, capsys):
+    assert gpu_check.main(["--one-process", "--out", str(tmp_path / "gc")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--dry" in err and not (tmp_path / "gc").exists()
 
 
 PROV = {"device": "test", "driver": "none", "torch": "x", "date": "d"}
@@ -69,12 +76,17 @@ def test_a_step_out_of_time_is_recorded_not_fatal(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
+    """The slowest test of the suite, on purpose: every step of the check end to end (every explainer
+    benched at two precisions, 9 methods x 4 eps through the entrypoint). It runs as the command line
+    does, in one child process with ``--one-process`` (the steps one after the other there: four
+    interpreter start-ups fewer); a step's own child and its time limit are tested above."""
     out = tmp_path / "gc"
-    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--dry", "--out", str(out), "--limit-scale=3"],
+    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--dry", "--one-process", "--out", str(out)],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=9000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     steps = pd.read_csv(out / "steps.csv")
     assert steps.step.tolist() == list(gpu_check.STEPS) and (steps.status == "ok").all(), steps.to_string()
+    assert all((out / "logs" / f"{name}.log").is_file() for name in gpu_check.STEPS)
     for name in ("steps", "cuda_tests", "bench", "agreement", "refused", "rise_compile", "rows", "sweep_phases", "projection"):
         df = pd.read_csv(out / f"{name}.csv")
         assert {"device", "driver", "torch", "date"} <= set(df.columns), name

@@ -24,11 +24,16 @@ every CSV row carries the device, driver, torch version, date and precision it w
 
 Without a CUDA GPU it stops at once with one line (exit code 2). ``--dry`` (``make gpu-check
 DRY=1``) runs every step on the tiny model on the CPU with tiny sizes and writes the same report
-(the test suite runs it); precisions the CPU refuses are recorded as refused.
+(the test suite runs it; its lower-precision bench pass times the nine thesis methods, while
+every explainer's bf16 maps are in its agreement table); precisions the CPU refuses are recorded as refused. ``--dry
+--one-process`` runs the steps one after the other in this process instead of a child each
+(:func:`run_step_here`: no time limit, four interpreter start-ups fewer; what the test suite runs,
+beside one test of the per-step child and its time limit).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,6 +85,10 @@ class Sizes:
         self.sweep_images = 4 if dry else 192
         self.sweep_slow_images = 2 if dry else 8
         self.compile_backend = "eager" if dry else "inductor"  # dry: the code path without a C++ compiler
+        # the bench's lower-precision passes: every explainer on the GPU; in the dry run the thesis
+        # methods (every explainer's lower-precision maps are still computed, by the fp32 pass's
+        # agreement table, so the dry run proves them without timing each twice)
+        self.lower_precisions_thesis_only = dry
 
 
 # -- provenance ------------------------------------------------------------------------------------
@@ -156,7 +166,7 @@ def _precision_refusal(device: torch.device, precision: str) -> str | None:
 
 def step_bench(out: Path, sizes: Sizes) -> None:
     """The quick bench at every precision (refused ones recorded), the agreement table, the auto table."""
-    from clip_xai.perf.bench import run_bench
+    from clip_xai.perf.bench import THESIS_METHODS, run_bench
     from clip_xai.config import resolve_precision
     from clip_xai.paths import CONF_DIR
 
@@ -175,7 +185,8 @@ def step_bench(out: Path, sizes: Sizes) -> None:
             continue
         done.add(actual)
         first = not frames
-        df = run_bench(sizes.model, str(device), sizes.batch_sizes, names, sizes.repeats, out / "bench" / precision,
+        benched = [n for n in names if n in THESIS_METHODS] if sizes.lower_precisions_thesis_only and not first else names
+        df = run_bench(sizes.model, str(device), sizes.batch_sizes, benched, sizes.repeats, out / "bench" / precision,
                        precision=precision, agreement=sizes.agreement if first else 0, perturbations=(),
                        quick=True, tables=out / "precision" if first else None, quick_divisor=sizes.quick_divisor)
         df["precision"] = actual if precision != "reference" else f"reference ({actual})"
@@ -419,6 +430,25 @@ def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
     return {"step": name, "status": status, "seconds": round(wall, 1), "limit_s": limit, "note": note}
 
 
+def run_step_here(name: str, out: Path, sizes: Sizes) -> dict:
+    """Run one step in this process (``--dry --one-process``), its output in the same log as
+    :func:`run_step`'s child; an exception is recorded as the step's failure and the next step runs.
+    No time limit applies (``limit_s`` is empty)."""
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    status, note = "ok", ""
+    start = time.perf_counter()
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            STEP_FUNCTIONS[name](out, sizes)
+        except Exception as err:  # noqa: BLE001 (any error of a step is that step's status, as a child's exit)
+            traceback.print_exc()
+            status, note = "failed (error)", f"{type(err).__name__}: {err}"[:300]
+    wall = time.perf_counter() - start
+    print(f"gpu-check {name}: {status} ({wall:.0f} s, in this process)", flush=True)
+    return {"step": name, "status": status, "seconds": round(wall, 1), "limit_s": None, "note": note}
+
+
 def _table(path: Path, cols: list[str] | None = None, floatfmt: str = ".4g") -> str:
     if not path.is_file():
         return "_not written (see the step's status and log)_"
@@ -486,22 +516,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="which steps to run (default: all)")
     p.add_argument("--limit-scale", type=float, default=1.0,
                    help="multiply every step's time limit (a slow or shared machine; the dry run's test uses 3)")
+    p.add_argument("--one-process", action="store_true",
+                   help="with --dry: every step in this process, without the per-step child and its time limit")
     a = p.parse_args(argv)
+    if a.one_process and not a.dry:
+        print("gpu-check: --one-process is for the dry run only (on a GPU each step keeps its own process and "
+              "time limit); add --dry or leave --one-process out", file=sys.stderr)
+        return 2
     if not a.dry and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); `make gpu-check DRY=1` runs the dry check on the CPU",
               file=sys.stderr)
         return 2
     sizes = Sizes(a.dry, a.limit_scale)
     a.out.mkdir(parents=True, exist_ok=True)
+    if (a.step or a.one_process) and a.dry:  # a proof of the code paths, not a measurement: one thread,
+        torch.set_num_threads(1)  # no contention with itself
     if a.step:
-        if a.dry:  # a proof of the code paths, not a measurement: one thread, no contention with itself
-            torch.set_num_threads(1)
         STEP_FUNCTIONS[a.step](a.out, sizes)
         return 0
     start = time.perf_counter()
     statuses = []
     for name in a.steps:
-        statuses.append(run_step(name, a.out, a.dry, a.limit_scale))
+        statuses.append(run_step_here(name, a.out, sizes) if a.one_process else run_step(name, a.out, a.dry, a.limit_scale))
         pd.DataFrame(statuses).to_csv(a.out / "steps.csv", index=False)
     prov = provenance(_device(sizes))
     stamp(pd.DataFrame(statuses), prov, "per step").to_csv(a.out / "steps.csv", index=False)
