@@ -12,6 +12,17 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.perf.peaks import count_flops
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for this module's bench runs, as the GPU check's dry run does: no speed is
+    asserted here, and on a busy 2-core machine two OpenMP threads waiting for each other turned a
+    30 s bench run into minutes (test_bench_table_projection_and_overrides: 1286 s at load ~12)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_bench_table_projection_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "THESIS_METHODS", ["gradcam", "rise"])
     df = bench.run_bench("tiny", "cpu", [1, 2], ["gradcam", "rise"], repeats=1, out=tmp_path,
