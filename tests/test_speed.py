@@ -20,17 +20,6 @@ from clip_xai.models.base import attend
 from .helpers import compose_cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module's bench runs, as the GPU check's dry run does: no speed is
-    asserted here, and on a busy 2-core machine two OpenMP threads waiting for each other turned a
-    30 s bench run into minutes (test_bench_table_projection_and_overrides: 1286 s at load ~12)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_flop_counts_match_hand_counts():
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(8, 4)
