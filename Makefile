@@ -61,15 +61,15 @@ test-fast: $(STAMP)
 # The quick bench by default (masks and steps reduced, rates scaled back and labelled; about 3 min
 # on a 2-core CPU); `make bench FULL=1` runs the yaml defaults. e.g. BENCH_ARGS="--precision bf16"
 bench: $(STAMP)
-	$(BIN)/python -m clip_xai.bench $(if $(FULL),--full) $(BENCH_ARGS)
+	$(BIN)/python -m clip_xai.perf.bench $(if $(FULL),--full) $(BENCH_ARGS)
 
 # The prepared GPU check (about 8 min on one H100): CUDA tests, bench per precision with the map
 # agreement, RISE compiled vs eager, PGD/map-attack/ViT-L rows, a short thesis sweep with its
 # projection; report + CSVs in outputs/gpu-check/. Without a GPU it stops (exit 2);
 # `make gpu-check DRY=1` runs every step on the tiny model on the CPU. Then
-# `python -m clip_xai.perf_tables` writes the tables into docs/performance.md.
+# `python -m clip_xai.perf.tables` writes the tables into docs/performance.md.
 gpu-check: $(STAMP)
-	$(BIN)/python -m clip_xai.gpu_check $(if $(DRY),--dry)
+	$(BIN)/python -m clip_xai.perf.gpu_check $(if $(DRY),--dry)
 
 report: $(STAMP)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)

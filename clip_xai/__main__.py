@@ -23,7 +23,7 @@ from clip_xai.data.captions import check_policy
 from clip_xai.data.verify import preflight
 from clip_xai.errors import ClipXaiError
 from clip_xai.paths import CONF_DIR
-from clip_xai.projection import announce_if_long
+from clip_xai.perf.projection import announce_if_long
 from clip_xai.provenance import write_environment
 from clip_xai.schema import CONFIG_FILE
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.seeds import sample_seed  # noqa: F401  (re-exported: config.sample_seed keeps working)
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,10 @@ def resolve_precision(device: torch.device, precision: str, announce: bool = Fal
                       model: str | None = None, table_dir: str | Path | None = None) -> str:
     """The precision a run uses: ``reference`` becomes fp16 on CUDA and strict fp32 elsewhere (with a
     visible note when ``announce``); ``auto`` becomes the precision that the bench's agreement table
-    for (``model``, this device) chose for ``method`` (:mod:`clip_xai.precision_table`; strict fp32
+    for (``model``, this device) chose for ``method`` (:mod:`clip_xai.perf.precision_table`; strict fp32
     without a table); other values are checked and returned unchanged."""
     if precision == "auto":
-        from clip_xai.precision_table import DEFAULT_DIR, lookup
+        from clip_xai.perf.precision_table import DEFAULT_DIR, lookup
 
         if method is None or model is None:
             raise ClipXaiError("precision=auto needs the method and the model to look up",
@@ -129,7 +129,7 @@ def check_precision(device: torch.device, precision: str) -> None:
     if precision in ("fp16", "tf32") and device.type != "cuda":
         raise ClipXaiError(f"precision={precision} needs a CUDA device", "use precision=fp32 or bf16 on CPU")
     if precision == "fp8":
-        from clip_xai.fp8 import check_fp8
+        from clip_xai.models.fp8 import check_fp8
 
         check_fp8(device)
 
@@ -141,7 +141,7 @@ def precision_scope(device: torch.device, precision: str):
     fp32: strict float32 (TF32 tensor-core maths off for matmuls and cuDNN convs, although PyTorch
     allows it for convs by default). tf32: float32 tensors, matmuls/convs on TF32 tensor cores
     (10-bit mantissa inputs, float32 accumulation). bf16/fp16: autocast, float32 outside it.
-    fp8: bf16 autocast, and the no-grad linears in float8 (:mod:`clip_xai.fp8`).
+    fp8: bf16 autocast, and the no-grad linears in float8 (:mod:`clip_xai.models.fp8`).
     reference: see :func:`resolve_precision`. ``auto`` must be resolved before (it needs the method).
     """
     if precision == "auto":
@@ -156,17 +156,12 @@ def precision_scope(device: torch.device, precision: str):
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype is not None))
             if precision == "fp8":
-                from clip_xai.fp8 import Fp8Linears
+                from clip_xai.models.fp8 import Fp8Linears
 
                 stack.enter_context(Fp8Linears(device.type))
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A per-sample seed from the global seed and the sample id (stable across batchings)."""
-    return int(hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 # Top-level settings: name -> (check, what a valid value is). Each check takes the composed value.

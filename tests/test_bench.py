@@ -7,12 +7,24 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_xai import bench
+from clip_xai.perf import bench
 from clip_xai.errors import ClipXaiError
-from clip_xai.peaks import count_flops
+from clip_xai.perf.peaks import count_flops
 
 
-def test_bench_table_projection_and_overrides(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the table test's bench run, as the GPU check's dry run runs: no speed
+    is asserted, and its batch-1 rows with two OpenMP threads waiting for each other on a busy 2-core
+    machine took 636 s (load ~5) against 84 s with one thread side by side. The other bench tests
+    were faster with two threads, so they keep the default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_table_projection_and_overrides(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(bench, "THESIS_METHODS", ["gradcam", "rise"])
     df = bench.run_bench("tiny", "cpu", [1, 2], ["gradcam", "rise"], repeats=1, out=tmp_path,
                          extra=["explainer.n_masks=8", "explainer.chunk=4"], flops=False, agreement=0)

@@ -92,7 +92,7 @@ def test_precision_scope_sets_and_restores_tf32():
 
 def test_fp8_on_cuda_matches_its_emulation_and_keeps_the_embedding(models, sample_images):
     """precision=fp8 where the GPU has FP8 tensor cores (Ada/Hopper); refused elsewhere."""
-    from clip_xai.fp8 import Fp8Linears, dequantise, emulated_linear, fp8_linear, fp8_refusal, quantise
+    from clip_xai.models.fp8 import Fp8Linears, dequantise, emulated_linear, fp8_linear, fp8_refusal, quantise
 
     reason = fp8_refusal(CUDA)
     if reason is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_xai import fp8
+from clip_xai.models import fp8
 from clip_xai.config import check_precision, precision_scope, resolve_precision
 from clip_xai.errors import ClipXaiError
 

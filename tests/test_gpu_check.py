@@ -10,18 +10,25 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_xai import gpu_check, perf_tables
+from clip_xai.perf import gpu_check, tables
 from tests.helpers import REPO
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "clip_xai.gpu_check", "--out", str(tmp_path / "gc")], cwd=REPO,
-                         env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in res.stderr
+def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path, capsys):
+    """In this process: ``python -m clip_xai.perf.gpu_check`` is ``sys.exit(main())``."""
+    assert gpu_check.main(["--out", str(tmp_path / "gc")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
     assert not (tmp_path / "gc").exists()
+
+
+def test_one_process_is_refused_outside_the_dry_run(tmp_path, capsys):
+    assert gpu_check.main(["--one-process", "--out", str(tmp_path / "gc")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--dry" in err and not (tmp_path / "gc").exists()
 
 
 PROV = {"device": "test", "driver": "none", "torch": "x", "date": "d"}
@@ -69,12 +76,17 @@ def test_a_step_out_of_time_is_recorded_not_fatal(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
+    """The slowest test of the suite, on purpose: every step of the check end to end (every explainer
+    benched at two precisions, 9 methods x 4 eps through the entrypoint). It runs as the command line
+    does, in one child process with ``--one-process`` (the steps one after the other there: four
+    interpreter start-ups fewer); a step's own child and its time limit are tested above."""
     out = tmp_path / "gc"
-    res = subprocess.run([sys.executable, "-m", "clip_xai.gpu_check", "--dry", "--out", str(out), "--limit-scale=3"],
+    res = subprocess.run([sys.executable, "-m", "clip_xai.perf.gpu_check", "--dry", "--one-process", "--out", str(out)],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=9000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     steps = pd.read_csv(out / "steps.csv")
     assert steps.step.tolist() == list(gpu_check.STEPS) and (steps.status == "ok").all(), steps.to_string()
+    assert all((out / "logs" / f"{name}.log").is_file() for name in gpu_check.STEPS)
     for name in ("steps", "cuda_tests", "bench", "agreement", "refused", "rise_compile", "rows", "sweep_phases", "projection"):
         df = pd.read_csv(out / f"{name}.csv")
         assert {"device", "driver", "torch", "date"} <= set(df.columns), name
@@ -95,18 +107,18 @@ def test_dry_run_writes_the_report_and_the_doc_tables(tmp_path):
     assert "DRY RUN" in report and "## 5. Thesis sweep" in report and "not written" not in report
 
     doc = tmp_path / "performance.md"
-    assert perf_tables.main([str(out), "--doc", str(doc)]) == 0 and "Projected full thesis sweep" in doc.read_text()
+    assert tables.main([str(out), "--doc", str(doc)]) == 0 and "Projected full thesis sweep" in doc.read_text()
 
 DRY_CSVS = REPO / "tests" / "data" / "gpu_check_dry"  # a dry run's CSVs (CPU, tiny model, 2026-12-06)
 
 
 def test_doc_tables_from_the_dry_run_csvs(tmp_path):
     doc = tmp_path / "performance.md"
-    doc.write_text(f"# Performance\n\nintro\n\n{perf_tables.BEGIN}\nSTALE TABLE\n{perf_tables.END}\n\nafter\n")
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0
+    doc.write_text(f"# Performance\n\nintro\n\n{tables.BEGIN}\nSTALE TABLE\n{tables.END}\n\nafter\n")
+    assert tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "STALE TABLE" not in text and text.startswith("# Performance\n\nintro") and text.endswith("after\n")
-    between = text.split(perf_tables.BEGIN)[1].split(perf_tables.END)[0]
+    between = text.split(tables.BEGIN)[1].split(tables.END)[0]
     bench = pd.read_csv(DRY_CSVS / "bench.csv")
     rise_fp32 = bench[(bench.explainer == "rise") & (bench.precision == "fp32")].images_per_s_at_defaults.max()
     row = next(ln for ln in between.splitlines() if ln.startswith("| rise "))
@@ -115,9 +127,9 @@ def test_doc_tables_from_the_dry_run_csvs(tmp_path):
                   "RISE compiled vs eager", "PGD, map-attack", "Projected full thesis sweep"):
         assert title in between, title
     assert "DRY RUN" in between and "torch 2.14.1" in between and "driver none" in between
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
+    assert tables.main([str(DRY_CSVS), "--doc", str(doc)]) == 0 and doc.read_text() == text  # idempotent
     bare = tmp_path / "bare.md"
     bare.write_text("# Performance\n")
-    assert perf_tables.main([str(DRY_CSVS), "--doc", str(bare)]) == 0
-    assert bare.read_text().count(perf_tables.BEGIN) == 1 and "## Measured by the GPU check" in bare.read_text()
-    assert perf_tables.main([str(tmp_path / "nothing"), "--doc", str(bare)]) == 2
+    assert tables.main([str(DRY_CSVS), "--doc", str(bare)]) == 0
+    assert bare.read_text().count(tables.BEGIN) == 1 and "## Measured by the GPU check" in bare.read_text()
+    assert tables.main([str(tmp_path / "nothing"), "--doc", str(bare)]) == 2

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_xai import precision_table
+from clip_xai.perf import precision_table
 from clip_xai.config import precision_scope, resolve_precision
 from clip_xai.errors import ClipXaiError
 from tests.helpers import run_cli

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_xai import bench, peaks, projection
+from clip_xai.perf import bench, peaks, projection
 from clip_xai.config import precision_scope, resolve_precision
 from clip_xai.models.base import attend
 
@@ -112,7 +112,7 @@ def test_long_run_prints_projection_and_alternatives(tiny):
 def test_plain_rise_baseline_gives_our_map_for_the_same_masks(tiny, batch_for):
     """The bench's plain 50-mask loop (native open_clip forward, NumPy/skimage masks) and clip_xai's
     RISE agree when fed the same masks: the speed rows compare the same computation."""
-    from clip_xai.baselines import plain_rise, plain_rise_masks
+    from clip_xai.perf.baselines import plain_rise, plain_rise_masks
     from clip_xai.explainers.rise import RISE
 
     pixels, tokens, _ = batch_for(tiny, 1)
@@ -132,7 +132,7 @@ def test_plain_rise_baseline_gives_our_map_for_the_same_masks(tiny, batch_for):
 
 
 def test_baselines_section_times_metrics_against_scipy_and_skimage(monkeypatch):
-    from clip_xai import baselines
+    from clip_xai.perf import baselines
 
     monkeypatch.setattr(baselines, "time_rise", lambda device, n, repeats: {  # ViT-B/16 is too slow for a test
         "masks": n, "chunk": 16, "ours_s": 2.0, "plain_s": 3.0})

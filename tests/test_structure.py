@@ -1,5 +1,5 @@
-"""The package's import structure: no import cycle inside ``clip_xai`` and no module that imports
-an entrypoint (``__main__``) module.
+"""The package's import structure: no import cycle inside ``clip_xai``, no module that imports
+an entrypoint (``__main__``) module, and no import upward between the layers of :data:`LAYERS`.
 
 Edges are read from the source with :mod:`ast`; nothing is imported. Every import that runs counts
 as an edge: module-level ones and those inside functions (a function-level import is how a cycle
@@ -106,6 +106,49 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# The layers, bottom first. A module may import modules of its own layer and of lower ones, never
+# of a higher one. Entries are packages or modules relative to ``clip_xai``; a module belongs to the
+# longest entry that is its name or a dotted prefix of it, so a new file in a room (say
+# ``studies/deletion_insertion.py``) is in its room's layer without being listed here. ``__init__``
+# is the package ``clip_xai`` itself (it exposes the API lazily).
+LAYERS: list[tuple[str, ...]] = [
+    # core: import nothing of clip_xai but each other. perf.timing (the study loop's phase timer) and
+    # perf.precision_table (read by config for precision=auto) are the measurement pieces the
+    # pipeline itself uses; the rest of perf measures the pipeline from above.
+    ("errors", "types", "seeds", "paths", "schema", "provenance", "progress", "overlay",
+     "perf.timing", "perf.precision_table"),
+    ("sinks",),  # run outputs: results.parquet (its atomic write also serves data.prepare), W&B
+    ("models",),
+    ("data",),
+    ("config",),  # Hydra config -> objects; open_clip resolvers, precision (models.fp8)
+    ("explainers",),
+    ("perturbations",),
+    ("metrics",),
+    ("studies",),
+    ("report", "perf"),
+    ("api",),
+    ("__main__", "__init__"),  # the entrypoint; the package's lazy API
+]
+
+
+def layer_of(module: str) -> int | None:
+    """Index in :data:`LAYERS` of a dotted ``clip_xai`` module (None: in no layer)."""
+    rel = module.split(".", 1)[1] if "." in module else "__init__"
+    best, index = -1, None
+    for i, entries in enumerate(LAYERS):
+        for entry in entries:
+            if (rel == entry or rel.startswith(entry + ".")) and len(entry) > best:
+                best, index = len(entry), i
+    return index
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a module into a higher layer, as ``a (layer) -> b (layer)``."""
+    name = lambda i: "/".join(LAYERS[i])  # noqa: E731
+    return [f"{m} ({name(layer_of(m))}) -> {t} ({name(layer_of(t))})" for m, ts in sorted(graph.items())
+            for t in sorted(ts) if layer_of(t) > layer_of(m)]
+
+
 def test_graph_reader_sees_function_level_imports_not_type_checking_ones():
     """The reader itself, on hand-made sources: an import inside a function is read; one under
     TYPE_CHECKING is not; a two-module circle is a cycle, a chain is not."""
@@ -135,3 +178,27 @@ def test_no_module_imports_an_entrypoint():
     graph = import_graph()
     bad = sorted((m, t) for m, ts in graph.items() for t in ts if t.split(".")[-1] == "__main__")
     assert not bad, "modules importing an entrypoint: " + ", ".join(f"{m} -> {t}" for m, t in bad)
+
+
+def test_layers_place_modules_by_their_room():
+    """Longest entry wins; a new file falls into its room's layer; the root package is __init__."""
+    assert layer_of("clip_xai.studies.deletion_insertion") == layer_of("clip_xai.studies")
+    assert layer_of("clip_xai.metrics.localisation.segmentation") == layer_of("clip_xai.metrics")
+    assert layer_of("clip_xai.perf.timing") == 0 < layer_of("clip_xai.studies") < layer_of("clip_xai.perf.bench")
+    assert layer_of("clip_xai") == layer_of("clip_xai.__main__") == len(LAYERS) - 1
+    assert layer_of("clip_xai.nowhere") is None
+    assert upward_edges({"clip_xai.models.randomise": {"clip_xai.config"}}) == [
+        "clip_xai.models.randomise (models) -> clip_xai.config (config)"]
+
+
+def test_every_module_is_in_a_layer():
+    unplaced = sorted(m for m in import_graph() if layer_of(m) is None)
+    assert not unplaced, "modules in no layer of LAYERS (add their room or module there): " + ", ".join(unplaced)
+
+
+def test_no_import_runs_upward_between_layers():
+    """Layers from the bottom: core modules, sinks, models, data, config, explainers, perturbations,
+    metrics, studies, report and perf, api, the entrypoint. An upward import is a design error:
+    move the helper it needs down (as config.sample_seed moved to seeds.py)."""
+    bad = upward_edges({m: ts for m, ts in import_graph().items() if layer_of(m) is not None})
+    assert not bad, "imports into a higher layer: " + "; ".join(bad)

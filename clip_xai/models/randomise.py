@@ -41,8 +41,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from clip_xai.config import sample_seed
 from clip_xai.errors import ClipXaiError
+from clip_xai.seeds import sample_seed
 
 TOWERS = ("vision", "text")
 HEAD, STEM = "head", "stem"

@@ -26,7 +26,7 @@ from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captio
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import DONE_FILE, EXAMPLES_FILE, RESULTS_FILE, RUN_COLUMNS, SUMMARY_FILE
 from clip_xai.sinks.results import ResultsWriter
-from clip_xai.timing import PhaseTimer
+from clip_xai.perf.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
-"""One prepared GPU check: ``make gpu-check`` (``python -m clip_xai.gpu_check``), about 8 minutes on one H100.
+"""One prepared GPU check: ``make gpu-check`` (``python -m clip_xai.perf.gpu_check``), about 8 minutes on one H100.
 
 Steps, each in its own process with its own time limit (:data:`STEPS`); a step that fails or runs
 out of time is recorded in the report and the next one runs:
 
 1. ``cuda_tests``: ``tests/test_cuda.py`` (CUDA maps equal the CPU's, every precision end to end).
-2. ``bench``: the quick bench (:mod:`clip_xai.bench`) of every explainer at fp32, tf32, bf16,
+2. ``bench``: the quick bench (:mod:`clip_xai.perf.bench`) of every explainer at fp32, tf32, bf16,
    ``reference`` (fp16) and, where the GPU has FP8 tensor cores, fp8; the per-method map agreement
    of each lower precision with fp32, and the ``precision=auto`` table written from it.
 3. ``rise_compile``: RISE compiled against eager (the same maps? images/s of each) and the
@@ -20,15 +20,20 @@ out of time is recorded in the report and the next one runs:
 Writes ``<out>/report.md`` and CSVs (``steps.csv``, ``cuda_tests.csv``, ``bench.csv``,
 ``agreement.csv``, ``rise_compile.csv``, ``rows.csv``, ``sweep_phases.csv``, ``projection.csv``);
 every CSV row carries the device, driver, torch version, date and precision it was measured with.
-:mod:`clip_xai.perf_tables` turns them into the documentation's tables.
+:mod:`clip_xai.perf.tables` turns them into the documentation's tables.
 
 Without a CUDA GPU it stops at once with one line (exit code 2). ``--dry`` (``make gpu-check
 DRY=1``) runs every step on the tiny model on the CPU with tiny sizes and writes the same report
-(the test suite runs it); precisions the CPU refuses are recorded as refused.
+(the test suite runs it; its lower-precision bench pass times the nine thesis methods, while
+every explainer's bf16 maps are in its agreement table); precisions the CPU refuses are recorded as refused. ``--dry
+--one-process`` runs the steps one after the other in this process instead of a child each
+(:func:`run_step_here`: no time limit, four interpreter start-ups fewer; what the test suite runs,
+beside one test of the per-step child and its time limit).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,6 +85,10 @@ class Sizes:
         self.sweep_images = 4 if dry else 192
         self.sweep_slow_images = 2 if dry else 8
         self.compile_backend = "eager" if dry else "inductor"  # dry: the code path without a C++ compiler
+        # the bench's lower-precision passes: every explainer on the GPU; in the dry run the thesis
+        # methods (every explainer's lower-precision maps are still computed, by the fp32 pass's
+        # agreement table, so the dry run proves them without timing each twice)
+        self.lower_precisions_thesis_only = dry
 
 
 # -- provenance ------------------------------------------------------------------------------------
@@ -123,7 +133,7 @@ def step_cuda_tests(out: Path, sizes: Sizes) -> None:
     pytest gets a few seconds less than the step, so the tests finished by then are still recorded."""
     import re
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     limit = int(STEPS["cuda_tests"][1 if sizes.dry else 0] * sizes.limit_scale) - 8
     args = [sys.executable, "-m", "pytest", str(repo / "tests" / "test_cuda.py"), "-vv", "-p", "no:cacheprovider"]
     try:
@@ -156,7 +166,7 @@ def _precision_refusal(device: torch.device, precision: str) -> str | None:
 
 def step_bench(out: Path, sizes: Sizes) -> None:
     """The quick bench at every precision (refused ones recorded), the agreement table, the auto table."""
-    from clip_xai.bench import run_bench
+    from clip_xai.perf.bench import THESIS_METHODS, run_bench
     from clip_xai.config import resolve_precision
     from clip_xai.paths import CONF_DIR
 
@@ -175,7 +185,8 @@ def step_bench(out: Path, sizes: Sizes) -> None:
             continue
         done.add(actual)
         first = not frames
-        df = run_bench(sizes.model, str(device), sizes.batch_sizes, names, sizes.repeats, out / "bench" / precision,
+        benched = [n for n in names if n in THESIS_METHODS] if sizes.lower_precisions_thesis_only and not first else names
+        df = run_bench(sizes.model, str(device), sizes.batch_sizes, benched, sizes.repeats, out / "bench" / precision,
                        precision=precision, agreement=sizes.agreement if first else 0, perturbations=(),
                        quick=True, tables=out / "precision" if first else None, quick_divisor=sizes.quick_divisor)
         df["precision"] = actual if precision != "reference" else f"reference ({actual})"
@@ -188,7 +199,7 @@ def step_bench(out: Path, sizes: Sizes) -> None:
 
 
 def _rise_maps(rise, model, pixels, tokens, seeds, device, repeats: int) -> tuple[torch.Tensor, float]:
-    from clip_xai.timing import median_time
+    from clip_xai.perf.timing import median_time
 
     maps = rise(model, pixels, tokens, seeds).float()
     sec = median_time(lambda: rise(model, pixels, tokens, seeds), device, repeats, slow=1e9)
@@ -197,7 +208,7 @@ def _rise_maps(rise, model, pixels, tokens, seeds, device, repeats: int) -> tupl
 
 def step_rise_compile(out: Path, sizes: Sizes) -> None:
     """Compiled vs eager RISE (maps, images/s) in bf16, then chunk auto vs half and double of it."""
-    from clip_xai.bench import _inputs, compose
+    from clip_xai.perf.bench import _inputs, compose
     from clip_xai.config import build, precision_scope
     from clip_xai.explainers.rise import RISE
     from clip_xai.metrics.sensitivity import spearman
@@ -237,7 +248,7 @@ def step_rise_compile(out: Path, sizes: Sizes) -> None:
 
 def step_rows(out: Path, sizes: Sizes) -> None:
     """PGD and map-attack rows on the bench model; the thesis methods on the large model (bf16)."""
-    from clip_xai.bench import THESIS_METHODS, run_bench
+    from clip_xai.perf.bench import THESIS_METHODS, run_bench
 
     device = _device(sizes)
     prov = provenance(device)
@@ -280,8 +291,8 @@ def write_synthetic_rival10(root: Path, n: int, size: int = 224, seed: int = 0) 
 def _sweep_groups(sizes: Sizes, device: torch.device, precision: str) -> list[tuple[list[str], int, list[str]]]:
     """(methods, images, extra overrides) per multirun: the fast methods together on the full image
     count, each slow one (bench rate under SLOW_RATE) alone on fewer images (dry: quick knobs)."""
-    from clip_xai.bench import THESIS_METHODS, _explainer_cfg, quick_overrides
-    from clip_xai.projection import MEASURED, rate_key
+    from clip_xai.perf.bench import THESIS_METHODS, _explainer_cfg, quick_overrides
+    from clip_xai.perf.projection import MEASURED, rate_key
 
     key = rate_key(device, precision)
     rates = MEASURED[key][1] if key else {}
@@ -303,7 +314,7 @@ def step_sweep(out: Path, sizes: Sizes) -> None:
     prov = provenance(device)
     precision = resolve_precision(device, "reference")  # the experiment's own setting
     data = write_synthetic_rival10(out / "sweep" / "data", sizes.sweep_images)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            **({"OMP_NUM_THREADS": "1"} if sizes.dry else {})}
     rows = []
@@ -398,7 +409,7 @@ def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
     limit = int(STEPS[name][1 if dry else 0] * limit_scale)
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "clip_xai.gpu_check", "--step", name, "--out", str(out),
+    args = [sys.executable, "-m", "clip_xai.perf.gpu_check", "--step", name, "--out", str(out),
             f"--limit-scale={limit_scale}"] + (["--dry"] if dry else [])
     start = time.perf_counter()
     with log.open("w") as f:  # its own process group, so a timeout also ends what the step started
@@ -417,6 +428,25 @@ def run_step(name: str, out: Path, dry: bool, limit_scale: float = 1.0) -> dict:
         note = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")[:300]
     print(f"gpu-check {name}: {status} ({wall:.0f} s of {limit} s)", flush=True)
     return {"step": name, "status": status, "seconds": round(wall, 1), "limit_s": limit, "note": note}
+
+
+def run_step_here(name: str, out: Path, sizes: Sizes) -> dict:
+    """Run one step in this process (``--dry --one-process``), its output in the same log as
+    :func:`run_step`'s child; an exception is recorded as the step's failure and the next step runs.
+    No time limit applies (``limit_s`` is empty)."""
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    status, note = "ok", ""
+    start = time.perf_counter()
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            STEP_FUNCTIONS[name](out, sizes)
+        except Exception as err:  # noqa: BLE001 (any error of a step is that step's status, as a child's exit)
+            traceback.print_exc()
+            status, note = "failed (error)", f"{type(err).__name__}: {err}"[:300]
+    wall = time.perf_counter() - start
+    print(f"gpu-check {name}: {status} ({wall:.0f} s, in this process)", flush=True)
+    return {"step": name, "status": status, "seconds": round(wall, 1), "limit_s": None, "note": note}
 
 
 def _table(path: Path, cols: list[str] | None = None, floatfmt: str = ".4g") -> str:
@@ -486,22 +516,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="which steps to run (default: all)")
     p.add_argument("--limit-scale", type=float, default=1.0,
                    help="multiply every step's time limit (a slow or shared machine; the dry run's test uses 3)")
+    p.add_argument("--one-process", action="store_true",
+                   help="with --dry: every step in this process, without the per-step child and its time limit")
     a = p.parse_args(argv)
+    if a.one_process and not a.dry:
+        print("gpu-check: --one-process is for the dry run only (on a GPU each step keeps its own process and "
+              "time limit); add --dry or leave --one-process out", file=sys.stderr)
+        return 2
     if not a.dry and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); `make gpu-check DRY=1` runs the dry check on the CPU",
               file=sys.stderr)
         return 2
     sizes = Sizes(a.dry, a.limit_scale)
     a.out.mkdir(parents=True, exist_ok=True)
+    if (a.step or a.one_process) and a.dry:  # a proof of the code paths, not a measurement: one thread,
+        torch.set_num_threads(1)  # no contention with itself
     if a.step:
-        if a.dry:  # a proof of the code paths, not a measurement: one thread, no contention with itself
-            torch.set_num_threads(1)
         STEP_FUNCTIONS[a.step](a.out, sizes)
         return 0
     start = time.perf_counter()
     statuses = []
     for name in a.steps:
-        statuses.append(run_step(name, a.out, a.dry, a.limit_scale))
+        statuses.append(run_step_here(name, a.out, sizes) if a.one_process else run_step(name, a.out, a.dry, a.limit_scale))
         pd.DataFrame(statuses).to_csv(a.out / "steps.csv", index=False)
     prov = provenance(_device(sizes))
     stamp(pd.DataFrame(statuses), prov, "per step").to_csv(a.out / "steps.csv", index=False)

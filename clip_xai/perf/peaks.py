@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from clip_xai.timing import best_time
+from clip_xai.perf.timing import best_time
 
 aten = torch.ops.aten
 

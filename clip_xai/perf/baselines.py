@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_xai.timing import best_time
+from clip_xai.perf.timing import best_time
 
 PLAIN_RISE_BATCH = 50
 

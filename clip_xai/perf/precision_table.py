@@ -1,6 +1,6 @@
 """Per-method precision for ``precision=auto``: the table the bench's agreement run writes.
 
-For one model and one device, the bench (``python -m clip_xai.bench``, ``make gpu-check``) compares
+For one model and one device, the bench (``python -m clip_xai.perf.bench``, ``make gpu-check``) compares
 each method's maps in every lower precision with its strict-fp32 maps on the same images (mean
 Spearman). :func:`choose` picks, per method, the cheapest precision whose agreement is at least
 ``THRESHOLD`` with no undefined pair (cheapest first: fp8, bf16, fp16, tf32), and strict fp32 where

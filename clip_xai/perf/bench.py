@@ -1,6 +1,6 @@
 """Throughput benchmark: images/s per explainer, distance to the device's peak, projected thesis sweep.
 
-``python -m clip_xai.bench`` (``make bench``). Defaults: the tiny model on CPU, ViT-B/16 with
+``python -m clip_xai.perf.bench`` (``make bench``). Defaults: the tiny model on CPU, ViT-B/16 with
 RANDOM weights on CUDA (speed does not depend on the weights). Every explainer is built from
 its own yaml. By default the bench is *quick*: the cost knobs (masks, steps) are divided by
 :data:`QUICK_DIVISOR`, each row says so (``settings``) and gives the rate scaled linearly back to
@@ -9,7 +9,7 @@ Writes ``<out>/bench.csv`` and ``bench.md`` and prints the table.
 
 Honest rows. Each row has the model FLOPs per image counted on a call in exactly the state the
 timed calls run in (same batch, same inputs, caches warmed as after the warm-up call;
-:mod:`clip_xai.peaks`, backward included), the achieved TFLOP/s and its share of the device's
+:mod:`clip_xai.perf.peaks`, backward included), the achieved TFLOP/s and its share of the device's
 peak for the precision used (datasheet table on CUDA, a measured matmul on a CPU). A method whose
 work depends on captions seen before (a caption cache, found by counting: its FLOPs differ
 between seen and unseen captions) gets a ``cold`` row (unique captions every call) and a
@@ -23,8 +23,8 @@ time the same FLOPs would take at the device's peak.
 
 ``agreement.{csv,md}``: per method, how far the maps of each lower precision the device runs are
 from strict fp32 (mean Spearman between the maps of the same images); the per-method choice for
-``precision=auto`` is written from it (:mod:`clip_xai.precision_table`, ``--precision-tables``).
-``--baselines`` adds :mod:`clip_xai.baselines` (plain re-implementations timed on the same inputs).
+``precision=auto`` is written from it (:mod:`clip_xai.perf.precision_table`, ``--precision-tables``).
+``--baselines`` adds :mod:`clip_xai.perf.baselines` (plain re-implementations timed on the same inputs).
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ import torch
 
 from clip_xai.config import build, pick_device, precision_scope, resolve_precision
 from clip_xai.errors import ClipXaiError
-from clip_xai.fp8 import fp8_refusal
-from clip_xai.peaks import count_flops, device_peak
-from clip_xai.timing import median_time
+from clip_xai.models.fp8 import fp8_refusal
+from clip_xai.perf.peaks import count_flops, device_peak
+from clip_xai.perf.timing import median_time
 
 THESIS_METHODS = ["gradcam", "game", "eclip", "selfattn", "rollout", "surgery", "rise", "m2ib", "maskclip"]
 THESIS_IMAGES, THESIS_EPS = 5285, 4
@@ -84,7 +84,7 @@ def flops_per_image(model, fn_factory, batch: int, device: torch.device, precisi
     after a call on the same captions (what every timed call after the warm-up sees), ``cold`` on
     captions never seen. ``warmed``: the instance has just been timed on these inputs, so the
     warm-up call is not repeated. Forward and backward, counted on the actual call
-    (:mod:`clip_xai.peaks`)."""
+    (:mod:`clip_xai.perf.peaks`)."""
     px, tok, seeds = _inputs(model, batch, device)
     with precision_scope(device, precision):
         if not warmed:
@@ -102,7 +102,7 @@ def differs(a: float, b: float) -> bool:
 def measure(model, fn_factory, batch: int, device: torch.device, repeats: int, precision: str = "fp32",
             cache: str = "warm") -> tuple[float | None, int, float | None]:
     """Images/s of ``fn_factory(pixels, tokens, seeds)()`` at ``batch``, halving on OOM: median of
-    ``repeats`` calls after one warm-up (:func:`clip_xai.timing.median_time`); ``cache`` as in
+    ``repeats`` calls after one warm-up (:func:`clip_xai.perf.timing.median_time`); ``cache`` as in
     :func:`_calls`.
 
     Returns (rate, batch used, peak device memory in GiB, or None on CPU).
@@ -237,8 +237,8 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
     that have KEY (e.g. ``explainer.chunk=500`` only to RISE). ``flops``: count model FLOPs over
     the timed calls and report the share of the device's peak (a row above 100% is an error).
     ``agreement``: images for the precision-agreement table (0 = skip); ``tables``: where its
-    per-method choice for ``precision=auto`` is written (:mod:`clip_xai.precision_table`).
-    ``baselines``: also time the plain re-implementations (:mod:`clip_xai.baselines`).
+    per-method choice for ``precision=auto`` is written (:mod:`clip_xai.perf.precision_table`).
+    ``baselines``: also time the plain re-implementations (:mod:`clip_xai.perf.baselines`).
     ``perturbations``: the perturbations timed beside the FGSM step (their config defaults; the
     map attack targets Grad-CAM's map). ``quick``: masks and steps divided by
     :data:`QUICK_DIVISOR` (or ``quick_divisor``), rates also given scaled back to the defaults
@@ -360,13 +360,13 @@ def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], 
         lines += ["", f"## Maps in lower precision against strict fp32 ({agreement} images, mean Spearman)", "",
                   agree.to_markdown(index=False, floatfmt=".4f")]
         if tables is not None:
-            from clip_xai import precision_table
+            from clip_xai.perf import precision_table
 
             path = precision_table.write(tables, str(cfg.model.name), device, agree)
             lines += ["", f"precision=auto table (cheapest precision at mean Spearman >= "
                           f"{precision_table.THRESHOLD}): {path}"]
     if baselines:
-        from clip_xai.baselines import run_baselines
+        from clip_xai.perf.baselines import run_baselines
 
         lines += ["", run_baselines(device, repeats)]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
