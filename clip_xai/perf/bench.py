@@ -217,12 +217,13 @@ def compose(overrides: list[str]):
 
 def _explainer_cfg(overrides: list[str], name: str, per_explainer: list[str]):
     """Config for explainer ``name``; ``explainer.KEY=VALUE`` overrides apply where it has KEY."""
-    from omegaconf import OmegaConf
+    from clip_xai.config import methods_having
+    from clip_xai.paths import CONF_DIR
 
     base = overrides + [f"explainer={name}"]
-    plain = compose(base)
-    own = [o for o in per_explainer if OmegaConf.select(plain, o.split("=", 1)[0].lstrip("+~")) is not None]
-    return compose(base + own) if own else plain
+    key = lambda o: o.split("=", 1)[0].lstrip("+~").split(".")[1]  # noqa: E731  explainer.KEY[.sub]=VALUE -> KEY
+    own = [o for o in per_explainer if methods_having(CONF_DIR, key(o), [name])]  # the rule method_settings follows
+    return compose(base + own)
 
 
 def run_bench(model_name: str | None, device_spec: str, batch_sizes: list[int], explainers: list[str],
