@@ -219,8 +219,18 @@ def test_cache_shared_by_modes_not_by_targets(tmp_path):
 DI_API = {"target": "pred", "map_size": "224", "steps": 20, "templates": "simple"}  # the entrypoint run's settings
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread, as the entrypoint (tests.helpers.run_cli): the same float reductions, and no
+    thread contention on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_api_rows_equal_the_entrypoints(cli_run):
+def test_api_rows_equal_the_entrypoints(cli_run, one_thread):
     import clip_xai
     from PIL import Image
 
@@ -228,15 +238,10 @@ def test_api_rows_equal_the_entrypoints(cli_run):
 
     cli, _ = cli_run
     photos = [Image.fromarray(_load_skimage(sid)) for sid in cli.sample_id]  # the records' own arrays, own size
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the entrypoint (tests.helpers.run_cli): the same float reductions
-    try:
-        model = clip_xai.load_model("tiny", device="cpu")
-        rows = clip_xai.faithfulness_curves(model, photos, method="gradcam", class_names=CLASSES,
-                                            protocol="deletion_insertion", mode="insertion",
-                                            sample_ids=cli.sample_id.tolist(), study_params=DI_API)
-    finally:
-        torch.set_num_threads(before)
+    model = clip_xai.load_model("tiny", device="cpu")
+    rows = clip_xai.faithfulness_curves(model, photos, method="gradcam", class_names=CLASSES,
+                                        protocol="deletion_insertion", mode="insertion",
+                                        sample_ids=cli.sample_id.tolist(), study_params=DI_API)
     assert list(rows.columns) == list(cli.columns) and (rows.dataset == "memory").all()
     for c in DELETION_INSERTION_COLUMNS:
         if c not in ("dataset", "caption"):  # the API's captions are the label names ("" without labels)
@@ -245,7 +250,7 @@ def test_api_rows_equal_the_entrypoints(cli_run):
     assert rows.attrs["summaries"][0]["deletion_insertion"]["images_at"] == "own_size"
 
 
-def test_api_works_at_the_images_own_size(tmp_path, caplog):
+def test_api_works_at_the_images_own_size(tmp_path, caplog, one_thread):
     """A 97×61 image given as PIL and as a path: maps at its own size (keep-size model), the changed
     pixels follow its own area; the same pixels as a tensor have no own size, and that is said."""
     import clip_xai
