@@ -559,7 +559,8 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
                         method: str = "eclip", *, class_names: Sequence[str] | str,
                         protocol: str = "perturbation_curve", direction: str | None = None,
                         mode: str | None = None, study_params: dict | None = None,
-                        sample_ids: Sequence[str] | None = None, seed: int | None = None, **params: Any) -> pd.DataFrame:
+                        sample_ids: Sequence[str] | None = None, seed: int | None = None,
+                        **params: Any) -> pd.DataFrame:
     """Run a faithfulness-curve protocol on these images through a zero-shot classifier head.
 
     ``protocol="perturbation_curve"``: positive/negative perturbation (Chefer et al. 2021): the
