@@ -79,7 +79,9 @@ __all__ = ["TokenScores", "load_model", "explain", "perturb", "sensitivity", "fa
 
 #: The curve protocols :func:`faithfulness_curves` runs: each is a ``study=`` option of the same name
 #: whose rows hold one curve per sample (list columns) and its AUCs.
-CURVE_PROTOCOLS = ("perturbation_curve",)
+CURVE_PROTOCOLS = ("perturbation_curve", "deletion_insertion")
+#: Each protocol's own keyword of :func:`faithfulness_curves` (its curve variant: ``study.<key>``).
+_CURVE_VARIANT = {"perturbation_curve": "direction", "deletion_insertion": "mode"}
 
 # Keys of a config option that a keyword may not set: the class, and the name the rows carry.
 _FIXED_KEYS = ("_target_", "name")
@@ -264,6 +266,7 @@ class _Inputs:
     tokens: TextTokens
     seeds: Tensor
     ids: list[str]
+    sources: list | None  # the PIL images / paths as given (own size); None for a tensor
 
 
 def _inputs(model: ClipAdapter, images, texts, seed: int, sample_ids: Sequence[str] | None) -> _Inputs:
@@ -282,7 +285,9 @@ def _inputs(model: ClipAdapter, images, texts, seed: int, sample_ids: Sequence[s
                            "shorten the caption")
     pixels, size = _to_model_size(model, items)
     seeds = torch.tensor([sample_seed(seed, sid) for sid in ids], dtype=torch.long)
-    return _Inputs(pixels, size, texts, model.tokenize(texts), seeds, ids)
+    sources = None if isinstance(items, Tensor) else [
+        Path(item).expanduser() if isinstance(item, (str, Path)) else item for item in items]
+    return _Inputs(pixels, size, texts, model.tokenize(texts), seeds, ids, sources)
 
 
 @contextlib.contextmanager
@@ -553,8 +558,9 @@ def faithfulness(model: ClipAdapter, images: Images, texts: str | Sequence[str],
 def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int] | None = None,
                         method: str = "eclip", *, class_names: Sequence[str] | str,
                         protocol: str = "perturbation_curve", direction: str | None = None,
-                        study_params: dict | None = None, sample_ids: Sequence[str] | None = None,
-                        seed: int | None = None, **params: Any) -> pd.DataFrame:
+                        mode: str | None = None, study_params: dict | None = None,
+                        sample_ids: Sequence[str] | None = None, seed: int | None = None,
+                        **params: Any) -> pd.DataFrame:
     """Run a faithfulness-curve protocol on these images through a zero-shot classifier head.
 
     ``protocol="perturbation_curve"``: positive/negative perturbation (Chefer et al. 2021): the
@@ -564,17 +570,33 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
     per image, the curves as list columns and their AUCs
     (`clip_xai.schema.PERTURBATION_CURVE_COLUMNS`; see the Studies page).
 
+    ``protocol="deletion_insertion"``: Grad-ECLIP's deletion (``mode="deletion"``: pixels in map
+    order replaced by random colours) or insertion (``"insertion"``: copied onto black) curves,
+    top-1/5/10 hits of the zero-shot head every ``eval_every`` steps; the rows are those of
+    ``python -m clip_xai study=deletion_insertion`` (`clip_xai.schema.DELETION_INSERTION_COLUMNS`).
+    It works at each image's own size: PIL images and paths are used as given (short side capped
+    at ``max_side``), not their 224 crop. Its default ``map_size="auto"`` computes the maps of
+    eclip, gradcam, maskclip and selfattn at that size, which needs a model loaded with
+    ``keep_size=True`` (else one error names the fix; ``study_params={"map_size": "224"}`` takes
+    the 224 shortcut). A tensor has no own size: its model-size pixels are used, a warning says so
+    and the summary's ``deletion_insertion.images_at`` is ``model_input``.
+
     Args:
         model: A model from [`load_model`][clip_xai.api.load_model].
         images: As in [`explain`][clip_xai.api.explain].
         labels: One class index (into ``class_names``) per image, or None when no setting needs
-            the ground truth (``study_params={"target": "pred", "against": "pred"}``).
+            the ground truth (perturbation_curve: ``study_params={"target": "pred", "against":
+            "pred"}``; deletion_insertion: ``{"target": "pred"}``, the hits then counted against
+            the clean top-1).
         method: Any ``explainer=`` option with image maps.
         class_names: The zero-shot head's classes: a list of names, or ``"imagenet"`` (OpenAI's
             1,000 ImageNet names).
         protocol: Which curve study runs: one of `clip_xai.api.CURVE_PROTOCOLS` (the ``study=``
             option of that name).
-        direction: ``"positive"`` or ``"negative"`` (``study.direction``); None takes the yaml's.
+        direction: perturbation_curve only: ``"positive"`` or ``"negative"``
+            (``study.direction``); None takes the yaml's.
+        mode: deletion_insertion only: ``"deletion"`` or ``"insertion"`` (``study.mode``); None
+            takes the yaml's (deletion).
         study_params: The protocol's other settings (``study.*``, see
             ``conf/study/<protocol>.yaml``), e.g. ``{"target": "gt", "templates": "openai"}``.
         sample_ids: As in [`faithfulness`][clip_xai.api.faithfulness].
@@ -585,13 +607,21 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
         One row per image; ``df.attrs["summaries"]`` holds the run's ``summary.json``.
 
     Raises:
-        ClipXaiError: As [`explain`][clip_xai.api.explain]; also an unknown protocol, class names
+        ClipXaiError: As [`explain`][clip_xai.api.explain]; also an unknown protocol, ``direction``
+            or ``mode`` given to the protocol that has no such setting, class names
             that are not a list of at least two names, labels of the wrong number or range, a
             setting that needs labels without them, and every bad study setting, all before any
             image is decoded.
     """
     if protocol not in CURVE_PROTOCOLS:
         raise ClipXaiError(f"unknown curve protocol {protocol!r}", f"use one of: {', '.join(CURVE_PROTOCOLS)}")
+    variant = _CURVE_VARIANT[protocol]
+    given = {"direction": direction, "mode": mode}
+    for key, value in given.items():
+        if key != variant and value is not None:
+            other = next(p for p, k in _CURVE_VARIANT.items() if k == key)
+            raise ClipXaiError(f"{key}={value!r} is a setting of protocol={other!r}, not of protocol={protocol!r}",
+                               f"pass {variant}=... with protocol={protocol!r}, or protocol={other!r} with {key}=...")
     if isinstance(class_names, str):
         if class_names != "imagenet":
             raise ClipXaiError(f"class_names={class_names!r} is not a list of names",
@@ -604,13 +634,13 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
                            "pass e.g. class_names=['cat', 'dog'], or 'imagenet'")
     names = [str(c) for c in class_names]
     study = dict(study_params or {})
-    for key in ("classes", "direction"):
+    for key in ("classes", variant):
         if key in study:
             raise ClipXaiError(f"study_params holds {key!r}",
                                f"pass it as faithfulness_curves(..., {'class_names' if key == 'classes' else key}=...)")
     study["classes"] = names
-    if direction is not None:
-        study["direction"] = direction
+    if given[variant] is not None:
+        study[variant] = given[variant]
     n = len(_image_list(images))
     if labels is not None:
         labels = [labels] if isinstance(labels, (int, np.integer)) else labels
@@ -671,7 +701,7 @@ def _run_study(model, images, texts, study_name: str, method: str, perturbation:
     for pert in perturbations:
         study.check(context(None, None, pert, None))  # the study's own start-up checks, before any image is read
     inp = _inputs(model, images, texts, int(cfg.seed), sample_ids)
-    dataset = PixelDataset(inp.pixels, inp.texts, inp.ids)
+    dataset = PixelDataset(inp.pixels, inp.texts, inp.ids, sources=inp.sources)  # sources: own-size protocols
     if classnames is not None:
         dataset.classnames = list(classnames)
         if labels is not None:

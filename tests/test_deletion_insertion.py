@@ -14,7 +14,7 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.metrics.faithfulness import deletion_insertion as di
 from clip_xai.schema import CURVE_HIGHER_IS_BETTER, DELETION_INSERTION_COLUMNS, RUN_COLUMNS
 from clip_xai.studies.base import RunContext
-from clip_xai.studies.deletion_insertion import DeletionInsertionStudy
+from clip_xai.studies.deletion_insertion import CURVE_COLUMNS, DeletionInsertionStudy
 from tests.helpers import run_cli
 
 
@@ -213,3 +213,94 @@ def test_cache_shared_by_modes_not_by_targets(tmp_path):
     assert root("study.map_size=own") != root("study.map_size=224")
     sens = compose_cfg(["model=tiny", f"output_root={tmp_path}"])
     assert cache_for(sens, torch.device("cpu"), "sensitivity").root.name == f"gradcam-{cache_key(sens, 'cpu')}"  # unchanged
+
+
+# -- the Python API: the same rows, at the image's own size ---------------------------------------
+DI_API = {"target": "pred", "map_size": "224", "steps": 20, "templates": "simple"}  # the entrypoint run's settings
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread, as the entrypoint (tests.helpers.run_cli): the same float reductions, and no
+    thread contention on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_api_rows_equal_the_entrypoints(cli_run, one_thread):
+    import clip_xai
+    from PIL import Image
+
+    from clip_xai.data.sample import _load_skimage
+
+    cli, _ = cli_run
+    photos = [Image.fromarray(_load_skimage(sid)) for sid in cli.sample_id]  # the records' own arrays, own size
+    model = clip_xai.load_model("tiny", device="cpu")
+    rows = clip_xai.faithfulness_curves(model, photos, method="gradcam", class_names=CLASSES,
+                                        protocol="deletion_insertion", mode="insertion",
+                                        sample_ids=cli.sample_id.tolist(), study_params=DI_API)
+    assert list(rows.columns) == list(cli.columns) and (rows.dataset == "memory").all()
+    for c in DELETION_INSERTION_COLUMNS:
+        if c not in ("dataset", "caption"):  # the API's captions are the label names ("" without labels)
+            assert rows[c].map(lambda v: np.asarray(v).tolist()).tolist() == \
+                cli[c].map(lambda v: np.asarray(v).tolist()).tolist(), c
+    assert rows.attrs["summaries"][0]["deletion_insertion"]["images_at"] == "own_size"
+
+
+def test_api_works_at_the_images_own_size(tmp_path, caplog, one_thread):
+    """A 97×61 image given as PIL and as a path: maps at its own size (keep-size model), the changed
+    pixels follow its own area; the same pixels as a tensor have no own size, and that is said."""
+    import clip_xai
+    from PIL import Image
+
+    h, w = 61, 97
+    pil = Image.fromarray(_image(h, w, seed=3).numpy())
+    pil.save(tmp_path / "own.png")  # lossless: the path decodes to the same pixels
+    model = clip_xai.load_model("tiny", device="cpu", keep_size=True)
+    kw = dict(method="gradcam", class_names=CLASSES, protocol="deletion_insertion", mode="insertion",
+              study_params={"target": "pred", "steps": 20, "templates": "simple"})  # map_size auto: own for gradcam
+    rows = clip_xai.faithfulness_curves(model, [pil, tmp_path / "own.png"], **kw)
+    summary = rows.attrs["summaries"][0]["deletion_insertion"]
+    assert (summary["map_size"], summary["images_at"], summary["model_input_samples"]) == ("own", "own_size", 0)
+
+    def expected(area):  # insertion: points at steps 10 and 20 of 20, then the clean image at 1.0
+        per = max(1, int(area / 40))
+        return [10 * per / area, 20 * per / area, 1.0]
+
+    assert expected(h * w) != pytest.approx(expected(224 * 224), abs=1e-4)  # the areas are told apart
+    for frac in rows.curve_fraction:
+        assert np.asarray(frac).tolist() == expected(h * w)
+    for c in CURVE_COLUMNS:  # PIL and path: the same image, so the same curves
+        assert np.asarray(rows[c][0]).tolist() == np.asarray(rows[c][1]).tolist(), c
+
+    px = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float() / 255
+    with caplog.at_level("WARNING", logger="clip_xai.studies.deletion_insertion"):
+        flat = clip_xai.faithfulness_curves(model, px, **kw)
+    assert np.asarray(flat.curve_fraction[0]).tolist() == expected(224 * 224)
+    summary = flat.attrs["summaries"][0]["deletion_insertion"]
+    assert (summary["images_at"], summary["model_input_samples"]) == ("model_input", 1)
+    assert sum("no image at their own size" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_api_refuses_bad_input_before_any_image_is_read(tiny, tmp_path):
+    import clip_xai
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")  # decoding it would fail with another message
+    cases = [
+        (dict(protocol="deletion_insertion", direction="positive"), "setting of protocol='perturbation_curve'"),
+        (dict(mode="deletion"), "setting of protocol='deletion_insertion'"),  # the default protocol
+        (dict(protocol="deletion_insertion", study_params={"mode": "insertion"}), "study_params holds 'mode'"),
+        (dict(protocol="deletion_insertion", study_params={"direction": "positive"}), "no setting 'direction'"),
+        (dict(protocol="deletion_insertion", mode="sideways"), "study.mode='sideways'"),
+        (dict(protocol="deletion_insertion", labels=None, study_params={"target": "gt"}), "needs a class label"),
+        (dict(protocol="deletion_insertion"), "keep-size mode"),  # map_size auto = own for gradcam
+        (dict(protocol="deletion_insertion", study_params={"map_size": "own"}), "keep-size mode"),
+    ]
+    for kwargs, match in cases:
+        kwargs = {"labels": [0, 1], **kwargs}
+        with pytest.raises(ClipXaiError, match=match):
+            clip_xai.faithfulness_curves(tiny, [junk, junk], method="gradcam", class_names=CLASSES, **kwargs)

@@ -139,6 +139,12 @@ class ImageCaptionDataset(Dataset):
         item["ok"] = True
         return item
 
+    def own_size_image(self, record: Record) -> ImageSource | None:
+        """``record``'s image before the model's resize and crop, for protocols that work at the
+        image's own size (deletion/insertion decodes it again); None when the dataset holds only
+        pixels at the model's input size. A file-backed dataset's record already is that source."""
+        return record.image
+
     def _preprocess(self, img: Image.Image) -> torch.Tensor:
         """The model's preprocessing without normalisation (:meth:`Preprocess.pixels`): [0,1] pixels."""
         return self.preprocess.pixels(img)

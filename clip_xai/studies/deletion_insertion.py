@@ -4,8 +4,10 @@ Protocol of Zhao et al. 2024 (Grad-ECLIP), ``imagenet_eval_deletion.py`` / ``ima
 in Cyang-Zhao/Grad-Eclip; METHODS.md §3.5; the pixel schedule is
 :mod:`clip_xai.metrics.faithfulness.deletion_insertion`. Per sample:
 
-1. the image at its own size (the dataset record's source, decoded again; short side capped at
-   ``max_side``), its clean zero-shot prediction over the class names × templates
+1. the image at its own size (the dataset's
+   :meth:`~clip_xai.data.base.ImageCaptionDataset.own_size_image` of the record, decoded again:
+   a file dataset's path or array, the PIL image or path given to the Python API; short side
+   capped at ``max_side``), its clean zero-shot prediction over the class names × templates
    (:class:`~clip_xai.models.zeroshot.ZeroShotHead`, on the model's own preprocessing of it);
 2. the map of ``prompt`` filled with the explained class (``target: gt`` = the label, ``pred`` =
    the clean top-1), computed on the image at its own size (``map_size: own``: each side rounded to a
@@ -27,9 +29,14 @@ per step, is below it by under one pixel per step): deletion
 (every pixel inserted), where the reference stores it (``top1[-1:]``); ``auc_*`` =
 :func:`~clip_xai.metrics.faithfulness.deletion_insertion.curve_auc` of each curve. A constant or
 non-finite map is flagged (``constant_map`` / ``nan_map``) and its curves are empty, AUCs NaN.
+
+A sample whose dataset holds only pixels at the model's input size (the Python API given a
+tensor: it has no own size) is run on those pixels instead: a warning names the count, and the
+summary's ``images_at`` says ``model_input`` (or ``mixed``) with ``model_input_samples``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -46,6 +53,8 @@ from clip_xai.metrics.faithfulness import deletion_insertion as di
 from clip_xai.models.preprocess import cap_short_side, keep_size_pixels
 from clip_xai.schema import DELETION_INSERTION_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("gt", "pred")
 MAP_SIZES = ("auto", "own", "224")
@@ -104,6 +113,7 @@ class DeletionInsertionStudy(Study):
         self.prompt = str(prompt)
         self.head = None  # the ZeroShotHead, built once the dataset's class names are known
         self.scored_against = "label"  # or "clean_pred": a dataset without labels, target=pred
+        self.model_input_samples: list[str] = []  # samples without an own-size image (model-size pixels used)
 
     # -- checks -------------------------------------------------------------------------------
     def resolved_map_size(self, explainer_name: str) -> str:
@@ -152,6 +162,8 @@ class DeletionInsertionStudy(Study):
                 "use a dataset with labels (dataset=imagenet), or study.target=pred on a dataset without any "
                 "labels (the curves are then scored against the clean top-1)")
         self.scored_against = "clean_pred" if unlabelled else "label"
+        own = getattr(dataset, "own_size_image", None)  # absent on the API's label-only stand-in
+        self.model_input_samples = [] if own is None else [r.sample_id for r in dataset.records if own(r) is None]
         self.head = ZeroShotHead(list(names), self.templates)
 
     # -- one batch ----------------------------------------------------------------------------
@@ -166,7 +178,9 @@ class DeletionInsertionStudy(Study):
         labels = b.labels.tolist()
         rows = []
         for i, sid in enumerate(b.sample_ids):
-            curves, flag = self.sample_curves(ctx, records[sid].image, labels[i], prep.seeds[i: i + 1], sid)
+            own = ctx.dataset.own_size_image(records[sid])  # None: only model-size pixels (counted in the summary)
+            source = records[sid].image if own is None else own
+            curves, flag = self.sample_curves(ctx, source, labels[i], prep.seeds[i: i + 1], sid)
             rows.append({**ctx.ids, "study": self.name, "sample_id": sid, "caption": b.captions[i],
                          "label": labels[i], "curve_variant": self.mode, "target": self.target, **curves,
                          "map_flag": flag})
@@ -175,6 +189,11 @@ class DeletionInsertionStudy(Study):
     def _records(self, ctx: RunContext) -> dict:
         if getattr(self, "_records_of", (None,))[0] is not ctx.dataset:
             self._records_of = (ctx.dataset, {r.sample_id: r for r in ctx.dataset.records})
+            if self.model_input_samples:  # once per dataset, as its samples start
+                log.warning("deletion_insertion: %d of %d sample(s) have no image at their own size (pixels given "
+                            "at the model's input size, e.g. a tensor to the Python API): their curves and maps "
+                            "use those pixels; pass PIL images or paths for the protocol at the image's own size",
+                            len(self.model_input_samples), len(ctx.dataset.records))
         return self._records_of[1]
 
     def sample_curves(self, ctx: RunContext, source, label: int, seeds: Tensor, sample_id: str) -> tuple[dict, str]:
@@ -235,6 +254,9 @@ class DeletionInsertionStudy(Study):
             "topk": self.topk, "classes": len(self.head.class_names) if self.head else None,
             "templates": len(self.head.templates) if self.head else None, "prompt": self.prompt,
             "scored_against": self.scored_against,
+            "images_at": ("own_size" if not self.model_input_samples else "model_input"
+                          if len(self.model_input_samples) == len(ctx.dataset.records) else "mixed"),
+            "model_input_samples": len(self.model_input_samples),
             "auc_rule": "trapezoid over the points at unit spacing / (points - 1)",
         }}
 
