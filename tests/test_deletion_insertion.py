@@ -250,9 +250,9 @@ def test_api_rows_equal_the_entrypoints(cli_run, one_thread):
     assert rows.attrs["summaries"][0]["deletion_insertion"]["images_at"] == "own_size"
 
 
-def test_api_works_at_the_images_own_size(tmp_path, caplog, one_thread):
-    """A 97×61 image given as PIL and as a path: maps at its own size (keep-size model), the changed
-    pixels follow its own area; the same pixels as a tensor have no own size, and that is said."""
+def test_api_works_at_the_images_own_size(tmp_path, caplog, one_thread, monkeypatch):
+    """A 97×61 image given as PIL and as a path: maps at its own size (keep-size model, the summary says
+    so), the same curves for both; the same pixels as a tensor have no own size, and that is said."""
     import clip_xai
     from PIL import Image
 
@@ -262,24 +262,26 @@ def test_api_works_at_the_images_own_size(tmp_path, caplog, one_thread):
     model = clip_xai.load_model("tiny", device="cpu", keep_size=True)
     kw = dict(method="gradcam", class_names=CLASSES, protocol="deletion_insertion", mode="insertion",
               study_params={"target": "pred", "steps": 20, "templates": "simple"})  # map_size auto: own for gradcam
+    seen = []  # the (H, W) of every image the curve is drawn on
+    curve_images = di.curve_images
+    monkeypatch.setattr(di, "curve_images", lambda image, *a, **k: seen.append(tuple(image.shape[:2])) or
+                        curve_images(image, *a, **k))
     rows = clip_xai.faithfulness_curves(model, [pil, tmp_path / "own.png"], **kw)
+    assert seen == [(h, w), (h, w)]
     summary = rows.attrs["summaries"][0]["deletion_insertion"]
     assert (summary["map_size"], summary["images_at"], summary["model_input_samples"]) == ("own", "own_size", 0)
 
-    def expected(area):  # insertion: points at steps 10 and 20 of 20, then the clean image at 1.0
-        per = max(1, int(area / 40))
-        return [10 * per / area, 20 * per / area, 1.0]
-
-    assert expected(h * w) != pytest.approx(expected(224 * 224), abs=1e-4)  # the areas are told apart
+    expected = [10 / 40, 20 / 40, 1.0]  # insertion: the nominal shares at steps 10 and 20 of 20, then the clean image
     for frac in rows.curve_fraction:
-        assert np.asarray(frac).tolist() == expected(h * w)
+        assert np.asarray(frac).tolist() == expected
     for c in CURVE_COLUMNS:  # PIL and path: the same image, so the same curves
         assert np.asarray(rows[c][0]).tolist() == np.asarray(rows[c][1]).tolist(), c
 
     px = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float() / 255
     with caplog.at_level("WARNING", logger="clip_xai.studies.deletion_insertion"):
         flat = clip_xai.faithfulness_curves(model, px, **kw)
-    assert np.asarray(flat.curve_fraction[0]).tolist() == expected(224 * 224)
+    assert seen[2:] == [(224, 224)]  # the model's input, as the summary says
+    assert np.asarray(flat.curve_fraction[0]).tolist() == expected
     summary = flat.attrs["summaries"][0]["deletion_insertion"]
     assert (summary["images_at"], summary["model_input_samples"]) == ("model_input", 1)
     assert sum("no image at their own size" in r.getMessage() for r in caplog.records) == 1
