@@ -3,10 +3,10 @@
 Started once per test process by :func:`tests.helpers.run_cli` (``python -m tests.entry_server``), it
 imports the entrypoint and the heavy libraries (torch, open_clip, transformers, pandas, ...; 15-30 s
 on the 2-core test machine) and runs no torch operation, so no thread pool exists yet. For each
-request (one JSON line on stdin: args, env, cwd and two output files) it forks; the child sets the
-environment, working directory and ``sys.argv``, points fd 0/1/2 at /dev/null and the two files, and
-runs ``clip_xai`` as ``__main__`` with :mod:`runpy`, exactly what ``python -m clip_xai`` does after its
-imports. Each run is its own process: Hydra's global state, logging, the open_clip model-config
+request (one JSON line on stdin: module, args, env, cwd and two output files) it forks; the child sets
+the environment, working directory and ``sys.argv``, points fd 0/1/2 at /dev/null and the two files,
+and runs the module (``clip_xai``, ``clip_xai.data``, ...) as ``__main__`` with :mod:`runpy`, exactly
+what ``python -m <module>`` does after its imports. Each run is its own process: Hydra's global state, logging, the open_clip model-config
 registry, torch's RNG and any ``sys.exit`` stay in the child, and the exit status is the child's.
 Replies on the saved stdout: ``{"pid": N}`` when the child starts, ``{"rc": N}`` when it ends.
 """
@@ -36,10 +36,11 @@ def _child(req: dict) -> int:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    sys.argv = ["clip_xai", *req["args"]]  # runpy sets argv[0] to clip_xai/__main__.py, as `-m` does
-    sys.modules.pop("clip_xai.__main__", None)  # preloaded above; `-m` runs it fresh as __main__
+    module = req.get("module", "clip_xai")
+    sys.argv = [module, *req["args"]]  # runpy sets argv[0] to <module>/__main__.py, as `-m` does
+    sys.modules.pop(f"{module}.__main__", None)  # clip_xai.__main__ is preloaded; `-m` runs it fresh as __main__
     try:
-        runpy.run_module("clip_xai", run_name="__main__", alter_sys=True)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
     except SystemExit as exit_:
         code = exit_.code

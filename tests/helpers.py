@@ -42,10 +42,16 @@ def run_cli(args: list[str], timeout: int = 600, fresh: bool = False, **kwargs) 
     keyword) starts a new interpreter instead: for what only a fresh process shows (import-time
     behaviour, the real command line). Tests that only read a run's outputs share one run through a
     module fixture (see :func:`module_run`)."""
+    return run_module("clip_xai", args, timeout, fresh, **kwargs)
+
+
+def run_module(module: str, args: list[str], timeout: int = 600, fresh: bool = False,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` as :func:`run_cli` runs ``clip_xai`` (forked, or ``fresh``)."""
     if fresh or kwargs:
-        return subprocess.run([sys.executable, "-m", "clip_xai", *args], cwd=REPO, env=cli_env(), text=True,
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), text=True,
                               capture_output=True, timeout=timeout, **kwargs)
-    return EntryServer.get().run(list(args), timeout)
+    return EntryServer.get().run(module, list(args), timeout)
 
 
 class EntryServer:
@@ -81,14 +87,14 @@ class EntryServer:
             raise RuntimeError(f"tests.entry_server ended (status {self.proc.wait()}); run it by hand to see why")
         return json.loads(line)
 
-    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         if not self.ready:
             self._reply(None)  # its imports; not part of the run's timeout, as for a fresh process
             self.ready = True
         with tempfile.TemporaryDirectory(prefix="clip_xai_run_") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             env = {**cli_env(), "PYTEST_CURRENT_TEST": os.environ.get("PYTEST_CURRENT_TEST", "")}
-            self.proc.stdin.write(json.dumps({"args": args, "env": env, "cwd": str(REPO), "out": str(out),
+            self.proc.stdin.write(json.dumps({"module": module, "args": args, "env": env, "cwd": str(REPO), "out": str(out),
                                               "err": str(err)}).encode() + b"\n")
             pid = self._reply(None)["pid"]
             deadline = time.monotonic() + timeout
@@ -98,11 +104,11 @@ class EntryServer:
                 os.kill(pid, signal.SIGKILL)
                 self._reply(None)
                 if isinstance(exc, TimeoutError):
-                    raise subprocess.TimeoutExpired(["python", "-m", "clip_xai", *args], timeout,
+                    raise subprocess.TimeoutExpired(["python", "-m", module, *args], timeout,
                                                     out.read_text(errors="replace"),
                                                     err.read_text(errors="replace")) from None
                 raise
-            return subprocess.CompletedProcess(["python", "-m", "clip_xai", *args], rc,
+            return subprocess.CompletedProcess(["python", "-m", module, *args], rc,
                                                out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def close(self) -> None:
