@@ -104,12 +104,10 @@ class EntryServer:
                 os.kill(pid, signal.SIGKILL)
                 self._reply(None)
                 if isinstance(exc, TimeoutError):
-                    raise subprocess.TimeoutExpired(["python", "-m", module, *args], timeout,
-                                                    out.read_text(errors="replace"),
-                                                    err.read_text(errors="replace")) from None
+                    raise subprocess.TimeoutExpired(["python", "-m", module, *args], timeout, _text(out),
+                                                    _text(err)) from None
                 raise
-            return subprocess.CompletedProcess(["python", "-m", module, *args], rc,
-                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(["python", "-m", module, *args], rc, _text(out), _text(err))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -119,6 +117,11 @@ class EntryServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _text(path: Path) -> str:
+    """What a run wrote to ``path``; empty when it was killed before opening it."""
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def module_run(*args: str, timeout: int = 600):
