@@ -51,12 +51,13 @@ run: $(STAMP)
 	$(BIN)/python -m clip_xai -m experiment=default model=$(MODEL)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
 
+# Every test; the 25 slowest are listed at the end (docs/development.md, "Test times").
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600
+	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600 --durations=25
 
-# Everything except the slow end-to-end subprocess runs.
+# Everything except the slow end-to-end runs of the entrypoint.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -x -m "not slow"
+	$(BIN)/python -m pytest -x -p no:cacheprovider -m "not slow"
 
 # The quick bench by default (masks and steps reduced, rates scaled back and labelled; about 3 min
 # on a 2-core CPU); `make bench FULL=1` runs the yaml defaults. e.g. BENCH_ARGS="--precision bf16"

@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads for in-process tests on the 2-core machine; one per worker under pytest-xdist (`-n 2`),
+# so that two workers do not ask for four threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,11 +1,18 @@
-"""Test helpers: compose configs in-process and run the real entrypoint as a subprocess."""
+"""Test helpers: compose configs in-process and run the real entrypoint (forked from a ready server, or fresh)."""
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from clip_xai.paths import CONF_DIR
@@ -20,12 +27,121 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python -m clip_xai`` with ``args``; WANDB offline, one thread, text output."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "clip_xai", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=timeout, **kwargs)
+def cli_env() -> dict:
+    """The environment of an entrypoint run: the test's, W&B offline, one thread, offline hub."""
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(args: list[str], timeout: int = 600, fresh: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m clip_xai`` with ``args`` (cwd: the repository, env: :func:`cli_env`); text output.
+
+    By default the run is a child forked from :class:`EntryServer` (the entrypoint and its libraries
+    already imported; the run itself is a process of its own, so its exit status, output, Hydra and
+    logging state are those of the real command). ``fresh=True`` (or any extra ``subprocess.run``
+    keyword) starts a new interpreter instead: for what only a fresh process shows (import-time
+    behaviour, the real command line). Tests that only read a run's outputs share one run through a
+    module fixture (see :func:`module_run`)."""
+    return run_module("clip_xai", args, timeout, fresh, **kwargs)
+
+
+def run_module(module: str, args: list[str], timeout: int = 600, fresh: bool = False,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` as :func:`run_cli` runs ``clip_xai`` (forked, or ``fresh``)."""
+    if fresh or kwargs:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), text=True,
+                              capture_output=True, timeout=timeout, **kwargs)
+    return EntryServer.get().run(module, list(args), timeout)
+
+
+class EntryServer:
+    """One ``python -m tests.entry_server`` per test process (see that module): forks a ready
+    entrypoint for each :func:`run_cli`. Restarted when the environment differs from the one it was
+    started with (env vars read at import time, OMP_NUM_THREADS among them, must be the run's)."""
+
+    _current: "EntryServer | None" = None
+    _IGNORED = ("PYTEST_CURRENT_TEST",)  # changes for every test; read by nothing in clip_xai
+
+    @classmethod
+    def get(cls) -> "EntryServer":
+        env = cli_env()
+        key = {k: v for k, v in env.items() if k not in cls._IGNORED}
+        if cls._current is None or cls._current.key != key or cls._current.proc.poll() is not None:
+            if cls._current is not None:
+                cls._current.close()
+            cls._current = cls(env, key)
+        return cls._current
+
+    def __init__(self, env: dict, key: dict):
+        self.key = key
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.entry_server"], cwd=REPO, env=env, bufsize=0,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # unbuffered: select sees every reply
+        self.ready = False
+        atexit.register(self.close)
+
+    def _reply(self, timeout: float | None) -> dict:
+        if timeout is not None and not select.select([self.proc.stdout], [], [], max(timeout, 0))[0]:
+            raise TimeoutError
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests.entry_server ended (status {self.proc.wait()}); run it by hand to see why")
+        return json.loads(line)
+
+    def run(self, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        if not self.ready:
+            self._reply(None)  # its imports; not part of the run's timeout, as for a fresh process
+            self.ready = True
+        with tempfile.TemporaryDirectory(prefix="clip_xai_run_") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            env = {**cli_env(), "PYTEST_CURRENT_TEST": os.environ.get("PYTEST_CURRENT_TEST", "")}
+            self.proc.stdin.write(json.dumps({"module": module, "args": args, "env": env, "cwd": str(REPO), "out": str(out),
+                                              "err": str(err)}).encode() + b"\n")
+            pid = self._reply(None)["pid"]
+            deadline = time.monotonic() + timeout
+            try:
+                rc = self._reply(deadline - time.monotonic())["rc"]
+            except BaseException as exc:  # timeout, pytest-timeout, Ctrl-C: end the run, keep the server usable
+                os.kill(pid, signal.SIGKILL)
+                self._reply(None)
+                if isinstance(exc, TimeoutError):
+                    raise subprocess.TimeoutExpired(["python", "-m", module, *args], timeout, _text(out),
+                                                    _text(err)) from None
+                raise
+            return subprocess.CompletedProcess(["python", "-m", module, *args], rc, _text(out), _text(err))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _text(path: Path) -> str:
+    """What a run wrote to ``path``; empty when it was killed before opening it."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def module_run(*args: str, timeout: int = 600):
+    """A module-scoped fixture that runs the entrypoint once (:func:`run_cli`) with ``args`` and
+    ``output_root=<a fresh tmp dir>``; it gives ``(result, output_root)``. The cheap way for several
+    tests to inspect one run::
+
+        xs = module_run("-m", "model=tiny", "explainer=gradcam,rise", "name=xs")
+
+        def test_rows(xs):
+            res, root = xs
+            assert res.returncode == 0, res.stderr[-3000:]
+    """
+
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory):
+        root = tmp_path_factory.mktemp("run")
+        return run_cli([*args, f"output_root={root}"], timeout=timeout), root
+
+    return run
 
 
 def varies(values, rtol: float = 1e-4) -> bool:

@@ -205,10 +205,7 @@ def test_server_without_range_support_restarts_the_download(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_cli_subprocess_verify_exit_codes(tmp_path):
     """The real `python -m clip_xai.data` entry point: table on stdout, 1 on problems, 2 on a missing root."""
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO
+    from tests.helpers import run_module
 
     root = tmp_path / "rival10"
     data, _ = _rival10_zip(2)
@@ -217,8 +214,7 @@ def test_cli_subprocess_verify_exit_codes(tmp_path):
     from clip_xai.data.download import unpack
 
     unpack(archive, root)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "clip_xai.data", *a], cwd=REPO, text=True,  # noqa: E731
-                                    capture_output=True, timeout=300)
+    run = lambda *a: run_module("clip_xai.data", list(a), timeout=300)  # noqa: E731
     ok = run("verify", "rival10", "--root", str(root))
     assert ok.returncode == 0 and "result: OK" in ok.stdout
     (next((root / "RIVAL10" / "test" / "ordinary").glob("*_merged_mask.JPEG"))).unlink()

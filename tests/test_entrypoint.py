@@ -1,4 +1,7 @@
-"""End-to-end runs of the real entrypoint (``python -m clip_xai``) on the tiny model."""
+"""End-to-end runs of the real entrypoint (``python -m clip_xai``) on the tiny model.
+
+Slow by nature: each test is a whole run (or a sweep, a launcher, a kill and resume).
+"""
 from __future__ import annotations
 
 import json
@@ -23,7 +26,10 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def test_single_run_writes_results(tmp_path):
-    res = run_cli(["model=tiny", "dataset=sample", "explainer=gradcam", "logger=none", f"output_root={tmp_path}"])
+    """A fresh interpreter (``fresh=True``): the real command line, imports included; the other runs
+    here fork a ready entrypoint (tests.helpers.run_cli)."""
+    res = run_cli(["model=tiny", "dataset=sample", "explainer=gradcam", "logger=none", f"output_root={tmp_path}"],
+                  fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
     df = pd.read_parquet(run / "results.parquet")

@@ -259,6 +259,7 @@ def test_requirements_and_settings(tiny, batch_for, monkeypatch):
 # --- the real entrypoint ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_entrypoint_sensitivity_and_faithfulness_both_modalities(tmp_path):
     res = run_cli(["-m", "model=tiny", "dataset=sample", "explainer=attnlrp", "study=sensitivity,faithfulness",
                    "dataset.limit=2", "logger=none", "name=lrp", f"output_root={tmp_path}"])

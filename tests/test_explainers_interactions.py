@@ -165,6 +165,7 @@ def test_errors(tiny, monkeypatch):
         SecondOrderInteractions(modality="text").check_requirements(tiny)
 
 
+@pytest.mark.slow
 def test_entrypoint_both_studies(tmp_path):
     """Sensitivity (image maps, matrix column, examples with matrices) and faithfulness (image and
     text maps) through the real entrypoint, then the report's matrix figure."""

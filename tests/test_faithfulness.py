@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -26,9 +24,7 @@ from clip_xai.metrics.faithfulness import (
     text_confidence,
     text_keep_mask,
 )
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
+from tests.helpers import REPO, run_cli
 
 # ------------------------------------------------------------------------------ image protocol
 
@@ -251,10 +247,9 @@ def test_study_needs_faithfulness_metrics(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
-    cmd = [sys.executable, "-m", "clip_xai", "model=tiny", "dataset=sample", "explainer=gradcam",
-           "study=faithfulness", "metrics=faithfulness", "logger=none", "dataset.limit=3", "device=cpu",
-           "metrics.road_percentages=[30,70]", f"output_root={tmp_path}"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = run_cli(["model=tiny", "dataset=sample", "explainer=gradcam", "study=faithfulness", "metrics=faithfulness",
+                   "logger=none", "dataset.limit=3", "device=cpu", "metrics.road_percentages=[30,70]",
+                   f"output_root={tmp_path}"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list(tmp_path.rglob(schema.DONE_FILE))
     assert len(runs) == 1

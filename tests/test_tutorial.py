@@ -21,6 +21,9 @@ TUTORIAL = REPO / "docs" / "tutorial.md"
 
 @pytest.mark.slow
 def test_tutorial_runs(tmp_path, monkeypatch):
+    """Slow by design (about 30 s): it is the user's path, so it keeps the tutorial's own processes:
+    a fresh kernel, then the documented ``python -m clip_xai -m`` sweep and ``python -m clip_xai.report``
+    as the reader types them (three interpreters that each import torch and clip_xai)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tests.helpers.run_cli: one thread per process on a shared CPU

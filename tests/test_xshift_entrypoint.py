@@ -15,9 +15,15 @@ CLASSES = "[astronaut,cat,coffee,rocket]"
 
 
 def test_xshift_runs_for_all_14_methods_with_the_masking_check(tmp_path):
-    res = run_cli(["-m", "model=tiny", "dataset.limit=2", "logger=none", f"explainer={','.join(METHODS)}",
-                   "perturbation=xshift", "perturbation.steps=2", f"perturbation.classes={CLASSES}",
-                   "metrics=manipulation", "name=xs", f"output_root={tmp_path}"], timeout=3000)
+    """One multirun over 13 methods, then RISE with 100 masks into the same sweep folder: RISE's
+    2,000-mask default alone took 966 s against 86 s with 100 masks (same X-Shift job, load average
+    ~14 on 2 cores, 2026-12-07), and the masks' count is not what this test checks. Slow by nature
+    all the same: 14 attacks and 14 explainers on 2 photos."""
+    common = ["model=tiny", "dataset.limit=2", "logger=none", "perturbation=xshift", "perturbation.steps=2",
+              f"perturbation.classes={CLASSES}", "metrics=manipulation", "name=xs", f"output_root={tmp_path}"]
+    res = run_cli(["-m", f"explainer={','.join(m for m in METHODS if m != 'rise')}", *common], timeout=3000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(["-m", "explainer=rise", "explainer.n_masks=100", *common], timeout=3000)
     assert res.returncode == 0, res.stderr[-3000:]
     df = pd.concat([pd.read_parquet(p) for p in (tmp_path / "xs").rglob("results.parquet")], ignore_index=True)
     assert sorted(df["explainer"].unique()) == sorted(METHODS) and len(df) == 2 * len(METHODS)
