@@ -51,9 +51,10 @@ run: $(STAMP)
 	$(BIN)/python -m clip_xai -m experiment=default model=$(MODEL)
 	$(BIN)/python -m clip_xai.report outputs/default_$(MODEL)
 
-# Every test; the 25 slowest are listed at the end (docs/development.md, "Test times").
+# Every test, two pytest-xdist workers (one per core; a test module stays on one worker, so its module
+# fixtures run once); the 40 slowest are listed at the end (docs/development.md, "Test times").
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600 --durations=25
+	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=600 -n 2 --dist loadscope --durations=40
 
 # Everything except the slow end-to-end runs of the entrypoint.
 test-fast: $(STAMP)
