@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ def register_resolvers() -> None:
     ``open_clip_image_size``: the input size of an open_clip architecture (model=open_clip).
     ``open_clip_preprocess``: its preprocessing for a pretrained tag (``model.preprocess``)."""
     if not OmegaConf.has_resolver("run_dirname"):
-        OmegaConf.register_new_resolver("run_dirname", lambda s: s.replace("/", "_") if s else "defaults")
+        OmegaConf.register_new_resolver("run_dirname", run_dirname)
     if not OmegaConf.has_resolver("open_clip_image_size"):
         from clip_xai.models.openclip import config_image_size
 
@@ -35,6 +36,22 @@ def register_resolvers() -> None:
         from clip_xai.models.openclip import open_clip_preprocess
 
         OmegaConf.register_new_resolver("open_clip_preprocess", open_clip_preprocess)
+
+
+RUN_DIRNAME_BYTES = 200  # a file name may have 255 bytes on common file systems; room for Hydra's suffixes
+
+
+def run_dirname(overrides: str) -> str:
+    """A job's folder name: Hydra's override_dirname with ``/`` replaced, ``defaults`` when nothing was
+    overridden; a name over RUN_DIRNAME_BYTES bytes (long class lists, many overrides) is cut and ends
+    in a hash of the whole, so it stays unique, the same on every rerun (resume), and a legal name."""
+    name = overrides.replace("/", "_") if overrides else "defaults"
+    raw = name.encode()
+    if len(raw) <= RUN_DIRNAME_BYTES:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[: RUN_DIRNAME_BYTES - len(digest) - 2].decode(errors="ignore")
+    return f"{head}--{digest}"
 
 
 def group_option(conf_dir: str | Path, group: str, name: str) -> DictConfig:

@@ -111,3 +111,24 @@ def test_clean_map_cache_key_separates_what_changes_a_map():
     assert key != cache_key(base, "cuda")  # RISE masks come from per-device generators
     for override in ("precision=bf16", "seed=1", "explainer.n_masks=10"):
         assert key != cache_key(compose_cfg(["model=tiny", "explainer=rise", override]), "cpu"), override
+
+
+def test_run_dirname_stays_a_legal_unique_name():
+    """Hydra's override_dirname as the folder name; a long one (a class list in the overrides) is cut
+    to RUN_DIRNAME_BYTES bytes and ends in a hash of the whole, so two long names that share their
+    start stay apart and a rerun finds the same folder."""
+    import hashlib
+
+    from clip_xai.config import RUN_DIRNAME_BYTES, run_dirname
+
+    assert run_dirname("") == "defaults"
+    assert run_dirname("dataset.root=/data/x,explainer=gradcam") == "dataset.root=_data_x,explainer=gradcam"
+    classes = ",".join(["cat", "dog", "bird", "car", "boat", "plane", "tree", "house", "person", "flower"] * 5)
+    a, b = f"study.classes=[{classes}],study.mode=deletion", f"study.classes=[{classes}],study.mode=insertion"
+    na, nb = run_dirname(a), run_dirname(b)
+    assert len(na.encode()) <= RUN_DIRNAME_BYTES and len(nb.encode()) <= RUN_DIRNAME_BYTES
+    assert len(a.encode()) > RUN_DIRNAME_BYTES and na != nb and na == run_dirname(a)
+    assert na.endswith("--" + hashlib.sha1(a.encode()).hexdigest()[:12]) and a.startswith(na[: -14])
+    assert run_dirname("x" * RUN_DIRNAME_BYTES) == "x" * RUN_DIRNAME_BYTES  # at the bound: kept whole
+    wide = "é" * RUN_DIRNAME_BYTES  # 2 bytes a character: the cut never splits one
+    assert len(run_dirname(wide).encode()) <= RUN_DIRNAME_BYTES and run_dirname(wide).split("--")[0].strip("é") == ""
