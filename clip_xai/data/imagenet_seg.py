@@ -91,11 +91,16 @@ def read_image(f, index: int) -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 
-def read_mask(f, index: int) -> np.ndarray:
-    """(H, W) bool foreground of image ``index`` (a 1×1 cell holding the transposed mask)."""
+def read_mask_raw(f, index: int) -> np.ndarray:
+    """The stored (transposed, W×H) mask array of image ``index``, values as stored (a 1×1 cell
+    holding a reference to it, or the array itself)."""
     cell = f[f[MASKS][index, 0]]
-    arr = np.asarray(f[cell[0, 0]]) if cell.dtype == object else np.asarray(cell)
-    return arr.T > 0
+    return np.asarray(f[cell[0, 0]]) if cell.dtype == object else np.asarray(cell)
+
+
+def read_mask(f, index: int) -> np.ndarray:
+    """(H, W) bool foreground of image ``index``."""
+    return read_mask_raw(f, index).T > 0
 
 
 def read_chars(f, ref) -> str:

@@ -259,12 +259,11 @@ def verify_imagenet(root: Path, deep: bool = True, workers: int = 4) -> Report:
 
 def _check_seg_entry(f, index: int) -> str | None:
     """None if image ``index`` and its mask read back with matching sizes and a 0/1 mask, else why."""
-    from clip_xai.data.imagenet_seg import MASKS, read_image
+    from clip_xai.data.imagenet_seg import read_image, read_mask_raw
 
     try:
         img = read_image(f, index)
-        cell = f[f[MASKS][index, 0]]
-        raw = np.asarray(f[cell[0, 0]]) if cell.dtype == object else np.asarray(cell)
+        raw = read_mask_raw(f, index)
     except (KeyError, TypeError, IndexError, RuntimeError, ValueError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
