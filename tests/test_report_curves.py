@@ -210,3 +210,23 @@ def test_a_further_condition_column_keeps_curves_apart() -> None:
     assert set(s["curve_params"]) == {"per", "100"} and len(auc) == 2
     assert s.loc[s["curve_params"] == "100", "fraction"].max() == pytest.approx(0.45)
     assert "curve_params=100" in md and "curve_params=per" in md
+
+
+def test_empty_curves_are_missing_not_errors() -> None:
+    """Deletion/insertion writes ``[]`` for a flagged map (every list column) and for a score left out
+    of study.topk (here topk=[1]: curve_top5/10 empty everywhere): such a sample has no curve for that
+    score (counted by map_flag), the score no figure row, and nothing is refused."""
+    rows = curve_rows("eclip", "deletion_insertion", "deletion", "gt", 1.0, 0, ("top1",)).assign(method="eclip")
+    rows["curve_top5"] = [[] for _ in range(N)]
+    rows["curve_top10"] = [[] for _ in range(N)]
+    rows["auc_top5"] = rows["auc_top10"] = np.nan
+    for c in ("curve_fraction", "curve_top1"):
+        rows.at[0, c] = []
+    rows.at[0, "auc_top1"], rows.at[0, "map_flag"] = np.nan, "constant_image"
+    assert curves.scores(rows) == ["top1"]
+    s = curves.summary(rows, n_boot=10)
+    assert set(s["score"]) == {"top1"} and list(s["fraction"]) == FRACTION and (s["n"] == N - 1).all()
+    x = np.stack([np.asarray(v, float) for v in rows["curve_top1"].iloc[1:]])
+    assert np.allclose(s.sort_values("point")["mean"], x.mean(0))
+    auc = curves.auc_summary(rows, n_boot=10)
+    assert auc.set_index("metric").loc["auc_top1", "n"] == N - 1
