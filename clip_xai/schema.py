@@ -96,10 +96,12 @@ RANDOMISATION_COLUMNS = ID_COLUMNS + [
 # first; insertion: the clean image last at 1.0, where the reference stores it); curve_top1/5/10 =
 # 1/0 zero-shot top-k hits at those points (empty for a k outside study.topk or a flagged map);
 # auc_top* = trapezoid over the points at unit spacing / (points - 1). Directions: CURVE_HIGHER_IS_BETTER.
+# curve_params: JSON of every other setting that changes the measurement (steps, eval_every, replacement,
+# max_side, map_size and own_size_methods as set, classes, templates, prompt, scored_against), a condition column.
 DELETION_INSERTION_COLUMNS = ID_COLUMNS + [
-    "curve_variant", "target", "curve_fraction", "curve_top1", "curve_top5", "curve_top10",
+    "curve_variant", "target", "curve_params", "curve_fraction", "curve_top1", "curve_top5", "curve_top10",
     "auc_top1", "auc_top5", "auc_top10",
-    "map_flag",  # "" or "constant_map" / "nan_map" (curves empty, AUCs NaN)
+    "map_flag",  # "" or "constant_image" / "nan_image" (curves empty, AUCs NaN), or a skipped sample's flag
     "caption_flag",
 ]
 
@@ -150,7 +152,7 @@ CONDITION_KEYS = {
     "localisation": ["mask", "perturbation", "eps"],
     "randomisation": ["tower", "randomisation", "unit", "block", "n_randomised"],
     "perturbation_curve": ["curve_variant", "target", "curve_params"],
-    "deletion_insertion": ["curve_variant", "target"],
+    "deletion_insertion": ["curve_variant", "target", "curve_params"],
 }
 REPEAT_KEY = ["seed"]
 

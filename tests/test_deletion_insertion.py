@@ -306,3 +306,61 @@ def test_api_refuses_bad_input_before_any_image_is_read(tiny, tmp_path):
         kwargs = {"labels": [0, 1], **kwargs}
         with pytest.raises(ClipXaiError, match=match):
             clip_xai.faithfulness_curves(tiny, [junk, junk], method="gradcam", class_names=CLASSES, **kwargs)
+
+
+# -- labels mapped by name, classes strings, flags, curve_params ---------------------------------
+def _ctx(ds, explainer=None):
+    return RunContext(run_dir=None, device=torch.device("cpu"), model=None, dataset=ds,
+                      explainer=explainer or FixedMap(torch.ones(8, 8)), metrics=None, ids={})
+
+
+def test_labels_follow_class_names_into_a_user_class_list(monkeypatch):
+    """Dataset labels index the dataset's names: with study.classes=[c7, c3] label 3 (c3) is the
+    head's class 1, and that class is explained and scored; the row keeps the dataset's label."""
+    ds = ImageCaptionDataset([Record("a", _red_image(), "x", label=3), Record("b", _red_image(), "y", label=7)],
+                             classnames=CLASSES)
+    study = DeletionInsertionStudy(classes=["c7", "c3"], topk=[1], templates="simple")
+    study.check_data(ds)
+    assert study.head.class_names == ("c7", "c3") and [study.head_label(lb) for lb in (3, 7, -1)] == [1, 0, -1]
+    seen = []
+    monkeypatch.setattr(study, "sample_curves", lambda ctx, src, label, seeds, sid: (seen.append(label) or {}, ""))
+    batch = SimpleNamespace(labels=torch.tensor([3, 7]), sample_ids=["a", "b"], captions=["x", "y"])
+    rows, _ = study.process(_ctx(ds), SimpleNamespace(batch=batch, seeds=torch.tensor([0, 1])))
+    assert seen == [1, 0] and [r["label"] for r in rows] == [3, 7]
+    with pytest.raises(ClipXaiError, match=r"\['c3'\].*not in study.classes"):
+        DeletionInsertionStudy(classes=["c7", "c0"], topk=[1], templates="simple").check_data(ds)
+
+
+def test_classes_strings():
+    unlabelled = ImageCaptionDataset([Record("a", _red_image(), "x")], classnames=CLASSES)
+    study = DeletionInsertionStudy(target="pred", classes="imagenet", templates="simple")
+    study.check_data(unlabelled)
+    assert study.head.num_classes == 1000 and study.head.class_names[0] == "tench"
+    with pytest.raises(ClipXaiError, match="study.classes='cats' is not known"):
+        DeletionInsertionStudy(classes="cats")
+
+
+@pytest.mark.parametrize("grid, flag", [(torch.full((8, 8), 0.5), "constant_image"),
+                                        (torch.full((8, 8), float("nan")), "nan_image")])
+def test_unusable_maps_use_the_shared_flag_names(red_setup, grid, flag):
+    img, ds, model, _ = red_setup
+    study = DeletionInsertionStudy(map_size="224", templates="simple")
+    study.check_data(ds)
+    study.head = RedHead()
+    ctx = RunContext(run_dir=None, device=torch.device("cpu"), model=model, dataset=ds, explainer=FixedMap(grid),
+                     metrics=None, ids={})
+    out, got = study.sample_curves(ctx, img, 0, torch.tensor([5]), "red")
+    assert got == flag and all(out[c] == [] for c in CURVE_COLUMNS)
+
+
+def test_curve_params_hold_the_measurement_settings():
+    ds = ImageCaptionDataset([Record("a", _red_image(), "x", label=0)], classnames=CLASSES)
+    a = DeletionInsertionStudy(templates="simple")
+    a.check_data(ds)
+    b = DeletionInsertionStudy(templates="simple", replacement="black", steps=50)
+    b.check_data(ds)
+    pa, pb = (json.loads(s.empty_row(_ctx(ds), "a", "x", 0, "bad_image")["curve_params"]) for s in (a, b))
+    assert pa["replacement"] == "random" and pa["steps"] == 100 and pa["n_classes"] == 12
+    assert (pb["replacement"], pb["steps"]) == ("black", 50)
+    # map_size as set (auto: one comparison for every method of a sweep, whatever size each resolves to)
+    assert pa["map_size"] == "auto" and pa["own_size_methods"] == ["eclip", "gradcam", "maskclip", "selfattn"]

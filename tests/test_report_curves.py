@@ -36,8 +36,7 @@ def curve_rows(expl: str, study: str, variant: str, target: str, slope: float, s
         row = {"sample_id": f"s{i:02d}", "caption": "a photo", "label": i % 3, "dataset": "imagenet", "model": model,
                "explainer": expl, "modality": "image", "study": study, "seed": 0, "curve_variant": variant,
                "target": target, "curve_fraction": list(fr), "precision": "fp32", "map_flag": ""}
-        if study == "perturbation_curve":
-            row["curve_params"] = "{}"  # the study's JSON of its other settings (a condition column)
+        row["curve_params"] = "{}"  # both curve studies' JSON of their other settings (a condition column)
         for k, sc in enumerate(scores):
             curve = c * (1.0 - 0.1 * k)
             row[f"curve_{sc}"] = list(curve)
@@ -210,3 +209,36 @@ def test_a_further_condition_column_keeps_curves_apart() -> None:
     assert set(s["curve_params"]) == {"per", "100"} and len(auc) == 2
     assert s.loc[s["curve_params"] == "100", "fraction"].max() == pytest.approx(0.45)
     assert "curve_params=100" in md and "curve_params=per" in md
+
+
+def test_empty_curves_are_missing_not_errors() -> None:
+    """Deletion/insertion writes ``[]`` for a flagged map (every list column) and for a score left out
+    of study.topk (here topk=[1]: curve_top5/10 empty everywhere): such a sample has no curve for that
+    score (counted by map_flag), the score no figure row, and nothing is refused."""
+    rows = curve_rows("eclip", "deletion_insertion", "deletion", "gt", 1.0, 0, ("top1",)).assign(method="eclip")
+    rows["curve_top5"] = [[] for _ in range(N)]
+    rows["curve_top10"] = [[] for _ in range(N)]
+    rows["auc_top5"] = rows["auc_top10"] = np.nan
+    for c in ("curve_fraction", "curve_top1"):
+        rows.at[0, c] = []
+    rows.at[0, "auc_top1"], rows.at[0, "map_flag"] = np.nan, "constant_image"
+    assert curves.scores(rows) == ["top1"]
+    s = curves.summary(rows, n_boot=10)
+    assert set(s["score"]) == {"top1"} and list(s["fraction"]) == FRACTION and (s["n"] == N - 1).all()
+    x = np.stack([np.asarray(v, float) for v in rows["curve_top1"].iloc[1:]])
+    assert np.allclose(s.sort_values("point")["mean"], x.mean(0))
+    auc = curves.auc_summary(rows, n_boot=10)
+    assert auc.set_index("metric").loc["auc_top1", "n"] == N - 1
+
+
+def test_deletion_insertion_runs_with_other_settings_are_not_pooled() -> None:
+    """The schema names curve_params a condition of deletion/insertion: two replacement settings of
+    one method are two AUC rows and two curves, not one pooled mean."""
+    a = curve_rows("eclip", "deletion_insertion", "deletion", "gt", 1.0, 0, ("top1",))
+    b = curve_rows("eclip", "deletion_insertion", "deletion", "gt", 0.2, 1, ("top1",))
+    rows = pd.concat([a.assign(curve_params='{"replacement": "random"}'),
+                      b.assign(curve_params='{"replacement": "black"}')], ignore_index=True).assign(method="eclip")
+    auc = curves.auc_summary(rows, n_boot=10).set_index("curve_params")
+    assert len(auc) == 2
+    assert auc.loc['{"replacement": "black"}', "mean"] == pytest.approx(b["auc_top1"].mean())
+    assert set(curves.summary(rows, n_boot=10)["curve_params"]) == set(rows["curve_params"])

@@ -86,6 +86,33 @@ def resolve_templates(templates) -> tuple[str, ...]:
     return out
 
 
+def label_map(dataset_names: Sequence[str] | None, class_names: Sequence[str], labels: Sequence[int],
+              needs_labels: bool = True) -> Tensor | None:
+    """Dataset labels (indices into ``dataset_names``, the dataset's ``classnames``) onto a head over
+    ``class_names`` (``study.classes``), by name: ``None`` when the labels index ``class_names`` as they
+    are (the same list, or a dataset without names), else a (len(dataset_names),) long tensor, -1 for a
+    dataset class the head lacks. Shared by the curve studies (perturbation_curve, deletion_insertion).
+
+    With ``needs_labels``, a label (>= 0) beyond its list, or one whose class is not among
+    ``class_names``, is a :class:`~clip_xai.errors.ClipXaiError` (before any work).
+    """
+    own, names = [str(n) for n in dataset_names or []], [str(n) for n in class_names]
+    used = sorted({int(lb) for lb in labels if int(lb) >= 0})
+    ref = own or names
+    if needs_labels and used and used[-1] >= len(ref):
+        raise ClipXaiError(f"a label ({used[-1]}) is beyond the {len(ref)} classes of "
+                           + ("the dataset" if own else "study.classes"),
+                           "give one class name per label")
+    if not own or own == names:
+        return None
+    missing = list(dict.fromkeys(own[lb] for lb in used if own[lb] not in names))
+    if needs_labels and missing:
+        raise ClipXaiError(f"the dataset's classes {missing[:5]} ({len(missing)} in all) are not in study.classes",
+                           "use study.classes=auto, or a class list holding the class of every labelled sample")
+    index = {n: i for i, n in enumerate(names)}
+    return torch.tensor([index.get(n, -1) for n in own], dtype=torch.long)
+
+
 def _weights_version(model) -> int:
     """Sum of the parameters' in-place version counters: changes whenever weights are re-drawn or
     restored in place (model randomisation), so a cached head is never reused across that."""

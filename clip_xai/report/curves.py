@@ -53,9 +53,8 @@ def _per_study(rows: pd.DataFrame, fn) -> pd.DataFrame:
 def scores(rows: pd.DataFrame) -> list[str]:
     """Score names of the list columns ``curve_<score>`` that hold a curve in some row (not the
     fraction, not a condition column such as ``curve_variant``)."""
-    def is_curve(col: pd.Series) -> bool:
-        v = col.dropna()
-        return len(v) > 0 and isinstance(v.iloc[0], (list, tuple, np.ndarray))
+    def is_curve(col: pd.Series) -> bool:  # a list column with at least one non-empty curve
+        return any(not _missing(v) for v in col if isinstance(v, (list, tuple, np.ndarray)))
 
     out = [c.removeprefix("curve_") for c in rows.columns
            if c.startswith("curve_") and c != FRACTION and c not in condition(rows) and is_curve(rows[c])]
@@ -63,11 +62,19 @@ def scores(rows: pd.DataFrame) -> list[str]:
     return [*first, *sorted(s for s in out if s not in first)]
 
 
+def _missing(v) -> bool:
+    """No curve: None, NaN, or a zero-length list (a flagged map, a score left out of ``study.topk``,
+    a skipped sample; those are counted by ``map_flag``, not errors)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return True
+    return isinstance(v, (list, tuple, np.ndarray)) and len(v) == 0
+
+
 def _matrix(values: pd.Series, n_points: int, what: str) -> np.ndarray:
-    """Stack one list column into (rows × points); a missing curve is a row of NaN."""
+    """Stack one list column into (rows × points); a missing curve (see :func:`_missing`) is a row of NaN."""
     out = np.full((len(values), n_points), np.nan)
     for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if _missing(v):
             continue
         a = np.asarray(v, float)
         if a.shape != (n_points,):
@@ -79,7 +86,7 @@ def _matrix(values: pd.Series, n_points: int, what: str) -> np.ndarray:
 
 def _fraction(g: pd.DataFrame, what: str) -> np.ndarray:
     """The group's common ``curve_fraction`` (every row must have the same points)."""
-    fr = [np.asarray(v, float) for v in g[FRACTION] if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    fr = [np.asarray(v, float) for v in g[FRACTION] if not _missing(v)]
     if not fr:
         raise ClipXaiError(f"{what}: no row has a curve_fraction", "re-run that job with this clip-xai version")
     if any(f.shape != fr[0].shape or not np.allclose(f, fr[0]) for f in fr[1:]):

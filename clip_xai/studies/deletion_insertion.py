@@ -28,7 +28,9 @@ per step, is below it by under one pixel per step): deletion
 ``[0, f₁, …, f_P]`` with the clean image first; insertion ``[f₁, …, f_P, 1]`` with the clean image last
 (every pixel inserted), where the reference stores it (``top1[-1:]``); ``auc_*`` =
 :func:`~clip_xai.metrics.faithfulness.deletion_insertion.curve_auc` of each curve. A constant or
-non-finite map is flagged (``constant_map`` / ``nan_map``) and its curves are empty, AUCs NaN.
+non-finite map is flagged (``constant_image`` / ``nan_image``, as every faithfulness study flags maps)
+and its curves are empty, AUCs NaN. ``curve_params`` (JSON, :meth:`DeletionInsertionStudy.params`)
+holds every other setting that changes the measurement, so the report never pools runs that differ in one.
 
 A sample whose dataset holds only pixels at the model's input size (the Python API given a
 tensor: it has no own size) is run on those pixels instead: a warning names the count, and the
@@ -36,6 +38,7 @@ summary's ``images_at`` says ``model_input`` (or ``mixed``) with ``model_input_s
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Sequence
 
@@ -49,8 +52,10 @@ from clip_xai.data.base import load_rgb
 from clip_xai.data.captions import check_policy
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.postprocess import image_maps
+from clip_xai.metrics.faithfulness import decode_flags, map_flag_codes
 from clip_xai.metrics.faithfulness import deletion_insertion as di
 from clip_xai.models.preprocess import cap_short_side, keep_size_pixels
+from clip_xai.models.zeroshot import ZeroShotHead, imagenet_classnames, label_map
 from clip_xai.schema import DELETION_INSERTION_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study
 
@@ -108,10 +113,15 @@ class DeletionInsertionStudy(Study):
         self.replacement, self.max_side, self.map_size = replacement, max_side, str(map_size)
         self.own_size_methods = tuple(str(m) for m in own_size_methods)
         self.topk = sorted(ks)
-        self.classes = classes if classes == "auto" else [str(c) for c in (classes or [])]
+        if isinstance(classes, str) and classes not in ("auto", "imagenet"):
+            raise ClipXaiError(f"study.classes={classes!r} is not known",
+                               "use study.classes=auto (the dataset's names), imagenet (OpenAI's 1,000) or a list: "
+                               "'study.classes=[cat,dog,...]'")
+        self.classes = classes if isinstance(classes, str) else [str(c) for c in (classes or [])]
         self.templates = templates if isinstance(templates, str) else [str(t) for t in templates]
         self.prompt = str(prompt)
         self.head = None  # the ZeroShotHead, built once the dataset's class names are known
+        self._label_map = None  # dataset label -> head class index, when study.classes is a list of its own
         self.scored_against = "label"  # or "clean_pred": a dataset without labels, target=pred
         self.model_input_samples: list[str] = []  # samples without an own-size image (model-size pixels used)
 
@@ -143,9 +153,9 @@ class DeletionInsertionStudy(Study):
                 "resized to the image: the shortcut)")
 
     def check_data(self, dataset) -> None:
-        from clip_xai.models.zeroshot import ZeroShotHead
-
-        names = getattr(dataset, "classnames", None) if self.classes == "auto" else self.classes
+        own = list(getattr(dataset, "classnames", None) or [])
+        names = (own if self.classes == "auto" else imagenet_classnames() if self.classes == "imagenet"
+                 else self.classes)
         if not names:
             raise ClipXaiError(
                 f"study=deletion_insertion classifies with class names, and dataset {type(dataset).__name__} has none",
@@ -153,38 +163,65 @@ class DeletionInsertionStudy(Study):
         if len(names) < max(self.topk):
             raise ClipXaiError(f"study.topk={self.topk} asks for top-{max(self.topk)} of {len(names)} classes",
                                f"use study.topk with values up to {len(names)}, e.g. study.topk=[1]")
-        bad = [r.sample_id for r in dataset.records if not 0 <= int(r.label) < len(names)]
+        n_labels = len(own or names)  # labels index the dataset's names (mapped onto the head's by name below)
+        bad = [r.sample_id for r in dataset.records if not 0 <= int(r.label) < n_labels]
         unlabelled = len(bad) == len(dataset.records)
         if bad and (self.target == "gt" or not unlabelled):
             raise ClipXaiError(
                 f"study.target={self.target} needs a class label per sample; {len(bad)} sample(s) of "
-                f"{type(dataset).__name__} have none or one outside the {len(names)} classes (e.g. {bad[0]})",
+                f"{type(dataset).__name__} have none or one outside the {n_labels} classes (e.g. {bad[0]})",
                 "use a dataset with labels (dataset=imagenet), or study.target=pred on a dataset without any "
                 "labels (the curves are then scored against the clean top-1)")
         self.scored_against = "clean_pred" if unlabelled else "label"
+        self._label_map = label_map(own, names, [int(r.label) for r in dataset.records], needs_labels=not unlabelled)
         own = getattr(dataset, "own_size_image", None)  # absent on the API's label-only stand-in
         self.model_input_samples = [] if own is None else [r.sample_id for r in dataset.records if own(r) is None]
         self.head = ZeroShotHead(list(names), self.templates)
 
+    def params(self) -> dict:
+        """Every setting besides mode and target that changes the measurement (the ``curve_params``
+        column). ``map_size`` as set, not resolved per method, so that ``auto`` (the reference's
+        per-method choice) keeps the methods of one sweep in one comparison; ``topk`` is left out:
+        it chooses which curves are written, not their values."""
+        return {"steps": self.steps, "eval_every": self.eval_every,
+                "replacement": self.replacement if self.mode == "deletion" else "black_canvas",
+                "max_side": self.max_side, "map_size": self.map_size,
+                "own_size_methods": sorted(self.own_size_methods) if self.map_size == "auto" else None,
+                "classes": self.classes if isinstance(self.classes, str) else list(self.classes),
+                "n_classes": None if self.head is None else self.head.num_classes,
+                "templates": self.templates if isinstance(self.templates, str) else list(self.templates),
+                "prompt": self.prompt, "scored_against": self.scored_against}
+
+    def _params_json(self) -> str:
+        return json.dumps(self.params(), sort_keys=True)
+
     # -- one batch ----------------------------------------------------------------------------
     def empty_row(self, ctx: RunContext, sample_id: str, caption: str, label: int, flag: str) -> dict:
         row = super().empty_row(ctx, sample_id, caption, label, flag)
-        row.update({c: [] for c in CURVE_COLUMNS}, curve_variant=self.mode, target=self.target)
+        row.update({c: [] for c in CURVE_COLUMNS}, curve_variant=self.mode, target=self.target,
+                   curve_params=self._params_json())
         return row
 
     def process(self, ctx: RunContext, prep: Prepared) -> tuple[list[dict], dict]:
         records = self._records(ctx)
         b = prep.batch
         labels = b.labels.tolist()
-        rows = []
+        rows, params = [], self._params_json()
         for i, sid in enumerate(b.sample_ids):
             own = ctx.dataset.own_size_image(records[sid])  # None: only model-size pixels (counted in the summary)
             source = records[sid].image if own is None else own
-            curves, flag = self.sample_curves(ctx, source, labels[i], prep.seeds[i: i + 1], sid)
+            curves, flag = self.sample_curves(ctx, source, self.head_label(labels[i]), prep.seeds[i: i + 1], sid)
             rows.append({**ctx.ids, "study": self.name, "sample_id": sid, "caption": b.captions[i],
-                         "label": labels[i], "curve_variant": self.mode, "target": self.target, **curves,
+                         "label": labels[i], "curve_variant": self.mode, "target": self.target,
+                         "curve_params": params, **curves,
                          "map_flag": flag})
         return rows, {}
+
+    def head_label(self, label: int) -> int:
+        """The dataset label as an index into the head's classes (mapped by name when ``study.classes`` is
+        a list of its own; :func:`~clip_xai.models.zeroshot.label_map`); -1 stays -1 (no label)."""
+        label = int(label)
+        return label if self._label_map is None or label < 0 else int(self._label_map[label])
 
     def _records(self, ctx: RunContext) -> dict:
         if getattr(self, "_records_of", (None,))[0] is not ctx.dataset:
@@ -204,7 +241,7 @@ class DeletionInsertionStudy(Study):
         clean_logits = self.head.image_logits(model, crop)
         explained = int(label) if self.target == "gt" else int(clean_logits.argmax(1))
         heat = self.sample_map(ctx, img, crop, explained, seeds, sample_id)
-        flag = "nan_map" if not bool(torch.isfinite(heat).all()) else "constant_map" if float(heat.max()) <= 0 else ""
+        flag = decode_flags(map_flag_codes(heat[None]))[0]  # the flag names every faithfulness study uses
         if flag:
             return {**{c: [] for c in CURVE_COLUMNS}, **{c: float("nan") for c in AUC_COLUMNS}}, flag
         image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())

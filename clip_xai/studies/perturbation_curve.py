@@ -25,7 +25,8 @@ from clip_xai.errors import ClipXaiError
 from clip_xai.metrics.faithfulness import decode_flags, map_flag_codes
 from clip_xai.metrics.faithfulness.perturbation_curve import (CURVES, DIRECTIONS, SCALES, TIES, perturbation_curves,
                                                               reference_maps, removal_counts, removal_fractions)
-from clip_xai.models.zeroshot import SIMPLE_TEMPLATE, ZeroShotHead, imagenet_classnames, resolve_templates
+from clip_xai.models.zeroshot import (SIMPLE_TEMPLATE, ZeroShotHead, imagenet_classnames, label_map,
+                                      resolve_templates)
 from clip_xai.schema import CURVE_COLUMNS, PERTURBATION_CURVE_AUCS, PERTURBATION_CURVE_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 from clip_xai.studies.faithfulness import with_modality
@@ -118,18 +119,7 @@ class PerturbationCurveStudy(Study):
                 f"study.target={self.target} / study.against={self.against} need class labels, "
                 f"and dataset {type(dataset).__name__} has none",
                 "use a labelled dataset (dataset=imagenet or rival10), or study.target=pred study.against=pred")
-        if own and own != names:  # labels index the dataset's names: map them onto the head's by name
-            missing = [n for n in own if n not in names]
-            if needs_labels and missing:
-                raise ClipXaiError(f"the dataset's classes {missing[:5]} are not in study.classes",
-                                   "use study.classes=auto, or a class list holding every dataset class")
-            index = {n: i for i, n in enumerate(names)}
-            self._label_map = torch.tensor([index.get(n, -1) for n in own], dtype=torch.long)
-        else:
-            self._label_map = None
-            if needs_labels and labels and max(labels) >= len(names):
-                raise ClipXaiError(f"a label ({max(labels)}) is beyond the {len(names)} classes of study.classes",
-                                   "give one class name per label")
+        self._label_map = label_map(own, names, labels, needs_labels)  # labels index the dataset's names
         size = int(getattr(dataset, "image_size", 224))
         self._n_pixels = size * size
         self._counts = removal_counts(self.scale, size * size, self.steps)
