@@ -36,8 +36,8 @@ def run(cfg: DictConfig, run_dir: Path, job_num: int | None, group: str) -> dict
     from clip_xai.studies.base import RunContext
     from clip_xai.studies.cache import cache_for
 
-    validate(cfg, CONF_DIR)  # every setting's type and range, before anything is built or written
-    apply_method_settings(cfg, CONF_DIR)  # method_settings.<this explainer> into cfg.explainer (config.yaml records it)
+    checked = validate(cfg, CONF_DIR)  # every setting's type and range, before anything is built or written
+    apply_method_settings(cfg, CONF_DIR, checked)  # method_settings.<this explainer> into cfg.explainer (config.yaml records it)
     device = pick_device(str(cfg.device), job_num)
     precision = resolve_precision(device, str(cfg.precision), announce=True, method=str(cfg.explainer.name),
                                   model=str(cfg.model.name), table_dir=Path(cfg.output_root) / "precision")

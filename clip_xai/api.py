@@ -56,8 +56,7 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from torch import Tensor
 
-from clip_xai.config import (META_KEYS, build, pick_device, precision_scope, register_resolvers, resolve_precision,
-                             sample_seed)
+from clip_xai.config import META_KEYS, build, pick_device, precision_scope, register_resolvers, resolve_precision
 from clip_xai.data.base import ImageCaptionDataset, Record, load_rgb
 from clip_xai.data.memory import PixelDataset
 from clip_xai.errors import ClipXaiError
@@ -65,6 +64,7 @@ from clip_xai.explainers.postprocess import image_maps, text_maps
 from clip_xai.models.base import ClipAdapter
 from clip_xai.paths import CONF_DIR
 from clip_xai.schema import RESULTS_FILE
+from clip_xai.seeds import sample_seed
 from clip_xai.types import TextTokens
 
 log = logging.getLogger(__name__)
@@ -645,14 +645,24 @@ def faithfulness_curves(model: ClipAdapter, images: Images, labels: Sequence[int
     if labels is not None:
         labels = [labels] if isinstance(labels, (int, np.integer)) else labels
         ok = (isinstance(labels, (list, tuple, np.ndarray, Tensor)) and len(labels) == n
-              and all(not isinstance(v, bool) and float(v) == int(v) for v in labels))
-        if not ok or any(not 0 <= int(v) < len(names) for v in labels):
+              and all(_is_index(v) and 0 <= int(v) < len(names) for v in labels))
+        if not ok:
             raise ClipXaiError(f"labels must be {n} class indices in [0, {len(names)}), one per image, got {labels!r}",
                                "pass one index into class_names per image, or labels=None with target/against=pred")
         labels = [int(v) for v in labels]
     texts = [names[v] for v in labels] if labels is not None else [""] * n
     return _run_study(model, images, texts, protocol, method, None, {"explainer": params, "study": study}, [None],
                       sample_ids, seed, labels=labels, classnames=names)
+
+
+def _is_index(v) -> bool:
+    """Whether ``v`` is a whole number (int, integral float, 0-d array or tensor), not a bool, text or None."""
+    if isinstance(v, (bool, np.bool_, str, bytes)) or v is None:
+        return False
+    try:
+        return float(v) == int(v)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return False
 
 
 def _with_eps(params: dict, eps) -> dict:

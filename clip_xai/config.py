@@ -241,14 +241,15 @@ def _check_group_types(cfg: DictConfig, group: str, conf_dir: str | Path) -> Non
                                f"(default {default!r})", f"set {group}.{key} to a {kind}")
 
 
-def validate(cfg: DictConfig, conf_dir: str | Path) -> None:
+def validate(cfg: DictConfig, conf_dir: str | Path) -> dict:
     """Check every top-level and group setting of a composed config before anything is built or
     written: types and ranges of the top-level settings, the logger's choices, each group setting
     against the type of its default, and settings that depend on the model (``metrics.k`` /
     ``metrics.text_k`` against the map size ``model.image_size``²), and ``method_settings``
     (:func:`check_method_settings`). Component constructors then check their own ranges and names
-    (each raises a :class:`ClipXaiError` through :func:`build`)."""
-    check_method_settings(cfg, conf_dir)
+    (each raises a :class:`ClipXaiError` through :func:`build`). Returns the checked
+    ``method_settings`` as plain data: hand it to :func:`apply_method_settings` so it is not checked twice."""
+    checked = check_method_settings(cfg, conf_dir)
     for key, (ok, valid) in TOP_LEVEL.items():
         if key in cfg and not ok(cfg[key]):
             raise _bad(key, cfg[key], valid)
@@ -275,6 +276,7 @@ def validate(cfg: DictConfig, conf_dir: str | Path) -> None:
         if key == "k" and k > size * size:
             raise ClipXaiError(f"metrics.k={k} is larger than the map ({size}x{size} = {size * size} pixels at "
                                f"model.image_size={size})", f"set metrics.k to at most {size * size}")
+    return checked
 
 
 # Per-method settings: ``method_settings: {rise: {n_masks: 200}}`` (``+method_settings.rise.n_masks=200``
@@ -352,12 +354,17 @@ def check_method_settings(cfg: DictConfig, conf_dir: str | Path) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def apply_method_settings(cfg: DictConfig, conf_dir: str | Path) -> dict:
+def apply_method_settings(cfg: DictConfig, conf_dir: str | Path, checked: dict | None = None) -> dict:
     """Check ``cfg.method_settings`` and merge the entry of this job's explainer (``cfg.explainer.name``)
     into ``cfg.explainer``, in place, before anything is built: the merged values win over the yaml,
     the experiment file and ``explainer.KEY=`` overrides, and config.yaml records them as the
-    explainer's settings. Returns the settings applied (empty when none is for this explainer)."""
-    check_method_settings(cfg, conf_dir)
+    explainer's settings. Returns the settings applied (empty when none is for this explainer).
+    ``checked``: what :func:`validate` returned for this cfg; the check (which reads every explainer
+    yaml) is skipped only while it still equals ``cfg.method_settings``."""
+    node = cfg.get(METHOD_SETTINGS)
+    current = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if checked is None or checked != (current if current is not None else {}):
+        check_method_settings(cfg, conf_dir)
     name = OmegaConf.select(cfg, "explainer.name", default=None)
     own = OmegaConf.select(cfg, f"{METHOD_SETTINGS}.{name}", default=None) if name is not None else None
     if not own:

@@ -177,6 +177,13 @@ def test_bad_data_is_one_clear_error_before_the_model(kwargs, data, match):
     ({"classes": ["one"]}, "class set"),
     ({"close_at_one": "maybe"}, "close_at_one"),
     ({"logit_scale": -1}, "logit_scale"),
+    ({"logit_scale": [100]}, "logit_scale"),
+    ({"steps": ["a"]}, "study.steps=.*not a list of numbers"),
+    ({"steps": 0.5}, "study.steps=.*not a list of numbers"),
+    ({"steps": [[0.1]]}, "study.steps=.*not a list of numbers"),
+    ({"classes": 5}, "study.classes=5 is not a class set"),
+    ({"classes": None}, "class set"),
+    ({"wrong_only": True, "against": "pred"}, "wrong_only=true with study.against=pred"),
 ])
 def test_bad_settings_are_one_clear_error(kwargs, match):
     with pytest.raises(ClipXaiError, match=match):
@@ -291,6 +298,10 @@ def test_api_refuses_bad_input_before_any_image_is_read(tmp_path):
         (dict(class_names="birds"), "not a list"),
         (dict(class_names=CLASSES, labels=[0]), "labels must be 2"),
         (dict(class_names=CLASSES, labels=[0, 9]), "labels must be 2"),
+        (dict(class_names=CLASSES, labels=[0, "a"]), "labels must be 2"),
+        (dict(class_names=CLASSES, labels=[0, None]), "labels must be 2"),
+        (dict(class_names=CLASSES, labels=[0, 0.5]), "labels must be 2"),
+        (dict(class_names=CLASSES, labels=[0, True]), "labels must be 2"),
         (dict(class_names=CLASSES), "need class labels"),  # target=pred/against=gt by default: labels needed
         (dict(class_names=CLASSES, labels=[0, 1], protocol="roar"), "unknown curve protocol"),
         (dict(class_names=CLASSES, labels=[0, 1], direction="up"), "direction"),

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from clip_xai.config import validate
 from clip_xai.errors import ClipXaiError
@@ -178,6 +178,29 @@ def test_method_settings_compose_and_apply_in_process():
     before = OmegaConf.to_container(gradcam.explainer)
     assert apply_method_settings(gradcam, CONF_DIR) == {}
     assert OmegaConf.to_container(gradcam.explainer) == before
+
+
+def test_method_settings_are_checked_once_per_job(monkeypatch):
+    """validate's checked mapping handed to apply_method_settings skips the second check (each reads
+    every explainer yaml); a mapping changed since, or none handed over, is checked again."""
+    import clip_xai.config as config
+
+    cfg = compose_cfg(["model=tiny", "explainer=rise", "+method_settings.rise.n_masks=200"])
+    checked = validate(cfg, CONF_DIR)
+    assert checked == {"rise": {"n_masks": 200}}
+    calls = []
+    real = config.check_method_settings
+    monkeypatch.setattr(config, "check_method_settings", lambda *a: calls.append(1) or real(*a))
+    assert config.apply_method_settings(cfg, CONF_DIR, checked) == {"n_masks": 200} and calls == []
+    assert config.apply_method_settings(cfg, CONF_DIR) == {"n_masks": 200} and calls == [1]
+    with open_dict(cfg):
+        cfg.method_settings.rise.n_mask = 3  # a typo slipped in after validate: still refused
+    with pytest.raises(ClipXaiError, match="no setting 'n_mask'"):
+        config.apply_method_settings(cfg, CONF_DIR, checked)
+    empty = compose_cfg(["model=tiny", "explainer=gradcam"])
+    none_checked = validate(empty, CONF_DIR)
+    calls.clear()
+    assert config.apply_method_settings(empty, CONF_DIR, none_checked) == {} and calls == []
 
 
 def test_method_settings_from_an_experiment_file(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clip_xai.errors import ClipXaiError
-from clip_xai.models.zeroshot import TEMPLATE_SETS, ZeroShotHead, imagenet_classnames
+from clip_xai.models.zeroshot import TEMPLATE_SETS, ZeroShotHead, check_logit_scale, imagenet_classnames
 
 CLASSES = ["cat", "dog", "truck"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}", "{}"]
@@ -98,6 +98,14 @@ def test_bad_input_is_one_clear_error(args, match):
         ZeroShotHead(*args)
 
 
-def test_bad_logit_scale_is_one_clear_error():
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "100", "auto", None, [100], True])
+def test_bad_logit_scale_is_one_clear_error(bad):
     with pytest.raises(ClipXaiError, match="logit_scale"):
-        ZeroShotHead(CLASSES, logit_scale=0)
+        ZeroShotHead(CLASSES, logit_scale=bad)
+    with pytest.raises(ClipXaiError, match="logit_scale"):
+        check_logit_scale(bad)
+
+
+@pytest.mark.parametrize("good", [100, 100.0, 1e-3, np.float32(50), torch.tensor(4.6), "model"])
+def test_good_logit_scale_passes(good):
+    check_logit_scale(good)

@@ -9,6 +9,7 @@ from ``open_clip.zero_shot_metadata``, never copied; open_clip is imported only 
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Callable
@@ -113,6 +114,20 @@ def label_map(dataset_names: Sequence[str] | None, class_names: Sequence[str], l
     return torch.tensor([index.get(n, -1) for n in own], dtype=torch.long)
 
 
+def check_logit_scale(value) -> None:
+    """Refuse a zero-shot ``logit_scale`` that is neither a positive finite number nor ``"model"``
+    (one :class:`ClipXaiError`; shared by the head and the studies that check settings early)."""
+    if value == "model":
+        return
+    try:
+        ok = not isinstance(value, (str, bool)) and math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ClipXaiError(f"logit_scale={value!r} is neither a positive number nor 'model'",
+                           "use logit_scale=100 (the references) or 'model' (the checkpoint's own)")
+
+
 def _weights_version(model) -> int:
     """Sum of the parameters' in-place version counters: changes whenever weights are re-drawn or
     restored in place (model randomisation), so a cached head is never reused across that."""
@@ -136,9 +151,7 @@ class ZeroShotHead:
         if len(names) < 2:
             raise ClipXaiError(f"a zero-shot head needs at least 2 classes, got {len(names)}",
                                "give a list of at least two class names, e.g. ['cat', 'dog']")
-        if not (logit_scale == "model" or (not isinstance(logit_scale, str) and float(logit_scale) > 0)):
-            raise ClipXaiError(f"logit_scale={logit_scale!r} is neither a positive number nor 'model'",
-                               "use logit_scale=100 (the references) or 'model' (the checkpoint's own)")
+        check_logit_scale(logit_scale)
         self.class_names = names
         self.templates = resolve_templates(templates)
         self.logit_scale = logit_scale

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from clip_xai.config import sample_seed
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import SampleRng, pixel_gradient
 from clip_xai.models.base import ClipAdapter
 from clip_xai.models.zeroshot import ZeroShotHead
+from clip_xai.seeds import sample_seed
 from clip_xai.types import TextTokens
 
 SPACES = ("pixel", "normalized")

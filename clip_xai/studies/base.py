@@ -19,12 +19,13 @@ import torch
 from pyarrow import ArrowException
 from torch.utils.data import Subset
 
-from clip_xai.config import precision_scope, sample_seed
+from clip_xai.config import precision_scope
 from clip_xai.progress import Job
 from clip_xai.data import make_loader
 from clip_xai.data.captions import TOO_LONG, TRUNCATED, check_policy, fit_captions
 from clip_xai.errors import ClipXaiError
 from clip_xai.schema import DONE_FILE, EXAMPLES_FILE, RESULTS_FILE, RUN_COLUMNS, SUMMARY_FILE
+from clip_xai.seeds import sample_seed
 from clip_xai.sinks.results import ResultsWriter
 from clip_xai.perf.timing import PhaseTimer
 from clip_xai.types import Batch, TextTokens

@@ -47,7 +47,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from clip_xai.config import sample_seed
 from clip_xai.data.base import load_rgb
 from clip_xai.data.captions import check_policy
 from clip_xai.errors import ClipXaiError
@@ -57,6 +56,7 @@ from clip_xai.metrics.faithfulness import deletion_insertion as di
 from clip_xai.models.preprocess import cap_short_side, keep_size_pixels
 from clip_xai.models.zeroshot import ZeroShotHead, imagenet_classnames, label_map
 from clip_xai.schema import DELETION_INSERTION_COLUMNS
+from clip_xai.seeds import sample_seed
 from clip_xai.studies.base import Prepared, RunContext, Study
 
 log = logging.getLogger(__name__)

@@ -20,19 +20,32 @@ import json
 
 import numpy as np
 import torch
+from omegaconf import ListConfig
 
 from clip_xai.errors import ClipXaiError
 from clip_xai.metrics.faithfulness import decode_flags, map_flag_codes
 from clip_xai.metrics.faithfulness.perturbation_curve import (CURVES, DIRECTIONS, SCALES, TIES, perturbation_curves,
                                                               reference_maps, removal_counts, removal_fractions)
-from clip_xai.models.zeroshot import (SIMPLE_TEMPLATE, ZeroShotHead, imagenet_classnames, label_map,
-                                      resolve_templates)
+from clip_xai.models.zeroshot import (SIMPLE_TEMPLATE, ZeroShotHead, check_logit_scale, imagenet_classnames,
+                                      label_map, resolve_templates)
 from clip_xai.schema import CURVE_COLUMNS, PERTURBATION_CURVE_AUCS, PERTURBATION_CURVE_COLUMNS
 from clip_xai.studies.base import Prepared, RunContext, Study, to_uint8_images
 from clip_xai.studies.faithfulness import with_modality
 
 LABELS = ("gt", "pred")
 FILTERED = "filtered_correct"
+
+
+def _steps(steps) -> list[float]:
+    """``study.steps`` as a list of floats, or one clear error (a scalar, a name, a nested list)."""
+    try:
+        if isinstance(steps, (list, tuple, ListConfig)) and not any(isinstance(s, (bool, str)) for s in steps):
+            return [float(s) for s in steps]
+    except (TypeError, ValueError):
+        pass
+    raise ClipXaiError(f"study.steps={steps!r} is not a list of numbers",
+                       "use study.steps=null (the scale's nine) or a list, e.g. 'study.steps=[0.1,0.5,0.9]' "
+                       "(fractions for scale=per, pixel counts for scale=100)")
 
 
 def _choice(key: str, value, allowed) -> str:
@@ -66,7 +79,7 @@ class PerturbationCurveStudy(Study):
         self.target = _choice("target", target, LABELS)
         self.against = _choice("against", against, LABELS)
         self.ties = _choice("ties", ties, TIES)
-        self.steps = None if steps is None else [float(s) for s in steps]
+        self.steps = None if steps is None else _steps(steps)
         # the steps' own shape (non-empty, increasing, fractions ≤ 1 for ``per``) now; the pixel counts
         # against the dataset's image size in check_data
         removal_counts(self.scale, 224 * 224 if self.scale == "per" else 10 ** 9, self.steps)
@@ -74,8 +87,8 @@ class PerturbationCurveStudy(Study):
             raise ClipXaiError(f"study.prompt={prompt!r} has no {{}} for the class name",
                                "use e.g. study.prompt='a photo of a {}'")
         self.prompt = str(prompt)
-        if not (classes in ("auto", "imagenet") or (not isinstance(classes, str) and classes is not None
-                                                    and len(list(classes)) >= 2)):
+        if not (classes in ("auto", "imagenet") or (isinstance(classes, (list, tuple, ListConfig))
+                                                    and len(classes) >= 2)):
             raise ClipXaiError(f"study.classes={classes!r} is not a class set",
                                "use study.classes=auto (the dataset's names), imagenet (OpenAI's 1,000) or a "
                                "list of at least two names")
@@ -83,13 +96,19 @@ class PerturbationCurveStudy(Study):
         if templates != "auto":
             resolve_templates(templates)  # unknown set name, a template without {}: one clear error now
         self.templates = templates if isinstance(templates, str) else [str(t) for t in templates]
-        ZeroShotHead(["a", "b"], [SIMPLE_TEMPLATE], logit_scale=logit_scale)  # 100, a positive number or "model"
+        check_logit_scale(logit_scale)  # 100, a positive number or "model"
         self.logit_scale = logit_scale
         if str(close_at_one) not in ("auto", "True", "False", "true", "false"):
             raise ClipXaiError(f"study.close_at_one={close_at_one!r} is not auto, true or false",
                                "use study.close_at_one=auto (true for scale=per, as the authors' AUC)")
         self.close_at_one = (self.scale == "per") if str(close_at_one) == "auto" else str(close_at_one).lower() == "true"
         self.wrong_only = bool(wrong_only)
+        if self.wrong_only and self.against == "pred":
+            # hits count against the clean top-1 then, so every clean image is "correct" and every
+            # sample would be filtered: empty curves, not a measurement
+            raise ClipXaiError("study.wrong_only=true with study.against=pred keeps no sample (the clean "
+                               "prediction is its own truth, so no clean image is wrong)",
+                               "use study.against=gt with study.wrong_only=true, or study.wrong_only=false")
         self.head: ZeroShotHead | None = None
         self._label_map: torch.Tensor | None = None  # dataset label -> head class index
         self._counts: list[int] | None = None

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip_xai.config import sample_seed
 from clip_xai.errors import ClipXaiError
 from clip_xai.explainers.base import SampleRng, cosine
 from clip_xai.metrics.sensitivity import SensitivityMetrics
 from clip_xai.models.base import ClipAdapter
+from clip_xai.seeds import sample_seed
 
 #: Columns this family adds to the sensitivity rows (NaN under metrics=sensitivity).
 COLUMNS = ("mask_drop", "mask_drop_rand", "mask_flag", "mask_drop_pert", "mask_drop_rand_pert", "mask_flag_pert")
