@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from clip_xai.errors import ClipXaiError
+from clip_xai.metrics.faithfulness.perturbation_curve import curve_auc as trapezoid
 
 MODES = ("deletion", "insertion")
 REPLACEMENTS = ("random", "black")  # what deletion writes (insertion always starts from black)
@@ -116,11 +117,12 @@ def topk_hits(logits: Tensor, target: int, ks: Sequence[int]) -> Tensor:
 def curve_auc(values: Sequence[float]) -> float:
     """Area under a curve of ``n`` points at unit spacing, divided by ``n - 1``: the trapezoid
     rule over the evaluated points with the x axis scaled to [0, 1] (RISE's deletion/insertion
-    AUC; the Grad-ECLIP scripts print the points only). NaN for fewer than two points."""
+    AUC; the Grad-ECLIP scripts print the points only). NaN for fewer than two points. The
+    perturbation-curve trapezoid over evenly spaced x in [0, 1]."""
     y = np.asarray(values, dtype=np.float64)
     if y.size < 2:
         return float("nan")
-    return float((y.sum() - 0.5 * (y[0] + y[-1])) / (y.size - 1))
+    return trapezoid(np.linspace(0.0, 1.0, y.size), y)
 
 
 __all__ = ["MODES", "REPLACEMENTS", "TOPK", "check_schedule", "colour_generator", "curve_auc", "curve_images",
